@@ -1,0 +1,39 @@
+"""Ingest a folder of raw images into the lake's bronze Delta table.
+
+Reads every file under --input (recursively, on the executors) and the
+optional labels CSV (columns path, label, and lesion_id or patient_id);
+writes LAKE/bronze/images (MERGE on dataset and SHA-256 of the bytes) and
+LAKE/bronze/quarantine (bad files with their reason). Re-running changes
+nothing.
+
+    scripts/submit.sh ingest --lake lake --dataset busi \\
+        --input ../shared/data/busi --labels ../shared/data/busi/labels.csv
+"""
+import sys
+
+from oncolake import cli, ingest, session
+
+
+def main(argv=None) -> int:
+    p = cli.parser("ingest", __doc__)
+    p.add_argument("--dataset", required=True, help="dataset name, e.g. ham10000")
+    p.add_argument("--input", required=True, help="folder of images (URI or path)")
+    p.add_argument("--labels", help="labels CSV (URI or path); path relative to --input")
+    p.add_argument("--ingest-date", help="YYYY-MM-DD partition (default: today, UTC)")
+    args = p.parse_args(argv)
+    spark = None
+    try:
+        cfg = cli.load_config(args)
+        spark = session.build("ingest", cfg)
+        cli.emit(ingest.run(spark, cfg, dataset=args.dataset, source=args.input,
+                            labels=args.labels, ingest_date=args.ingest_date))
+        return 0
+    except Exception as err:  # every failure ends as one line and an exit code
+        return cli.fail("ingest", err)
+    finally:
+        if spark is not None:
+            session.stop(spark)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

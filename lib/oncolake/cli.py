@@ -1,0 +1,77 @@
+"""What every job's ``main`` shares: arguments, logging, summary, exit codes."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any, Sequence
+
+from oncolake import config
+from oncolake.errors import OncolakeError
+
+log = logging.getLogger("oncolake")
+
+
+def parser(job: str, doc: str | None) -> argparse.ArgumentParser:
+    """An argument parser with the options every job takes."""
+    p = argparse.ArgumentParser(prog=job, description=(doc or "").split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lake", help="lake root URI (overrides the configured one)")
+    p.add_argument("--env", default="local", help="configuration layer conf/<env>.yaml (default: local)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one configuration key, e.g. --set ingest.max_pixels=1e8")
+    p.add_argument("--conf-dir", help=argparse.SUPPRESS)
+    return p
+
+
+def load_config(args: argparse.Namespace) -> config.Config:
+    """Resolve the configuration for parsed ``args``, set up logging, log it."""
+    setup_logging()
+    overrides = list(args.set) + ([f"lake={args.lake}"] if args.lake else [])
+    cfg = config.load(args.env, overrides=overrides, environ=os.environ, conf_dir=args.conf_dir)
+    log.info("configuration: %s", json.dumps(config.describe(cfg), sort_keys=True))
+    return cfg
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (it may be swapped, as pytest does)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
+def setup_logging() -> None:
+    """Library logs to stderr; stdout is kept for the summary line."""
+    root = logging.getLogger("oncolake")
+    if not root.handlers:
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        root.propagate = False
+
+
+def emit(summary: dict[str, Any]) -> None:
+    """Print the job summary: one JSON line, the last line on stdout."""
+    sys.stdout.flush()
+    print(json.dumps(summary, sort_keys=False, default=str), flush=True)
+
+
+def fail(job: str, err: BaseException) -> int:
+    """Log one clear line for ``err`` and return the job's exit code."""
+    if isinstance(err, OncolakeError):
+        log.error("%s failed: %s", job, err)
+        return err.exit_code
+    log.debug("%s failed", job, exc_info=err)
+    first = (str(err).strip().splitlines() or [""])[0][:300]
+    log.error("%s failed: %s: %s", job, type(err).__name__, first)
+    return 1
+
+

@@ -1,0 +1,222 @@
+"""Layered, typed, frozen configuration.
+
+Layers, later wins: ``conf/base.yaml``, ``conf/<env>.yaml``, ``ONCOLAKE_*``
+environment variables (endpoints and secrets only, see ``ENVIRONMENT``),
+then ``--set key=value`` overrides. Unknown keys are errors.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import typing
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from oncolake.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+#: The only environment variables read, and the key each one sets.
+ENVIRONMENT = {
+    "ONCOLAKE_LAKE": "lake",
+    "ONCOLAKE_SPARK_MASTER": "spark.master",
+    "ONCOLAKE_WEBHDFS_URL": "hdfs.webhdfs_url",
+    "ONCOLAKE_MLFLOW_TRACKING_URI": "mlflow.tracking_uri",
+}
+#: Keys whose values are never logged.
+SECRET_MARKERS = ("password", "token", "secret")
+
+
+@dataclasses.dataclass(frozen=True)
+class SparkConfig:
+    master: str = "local[*]"
+    conf: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class HdfsConfig:
+    webhdfs_url: str = "http://127.0.0.1:9870"
+    user: str = "root"
+
+
+@dataclasses.dataclass(frozen=True)
+class IngestConfig:
+    extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+    group_columns: tuple[str, ...] = ("lesion_id", "patient_id")
+    max_file_bytes: int = 64 * 1024 * 1024
+    max_pixels: int = 50_000_000
+    min_side: int = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessConfig:
+    size: int = 128
+    resize: str = "stretch"
+    split: Mapping[str, float] = dataclasses.field(
+        default_factory=lambda: {"train": 0.70, "val": 0.15, "test": 0.15})
+    balance: str = "none"
+    seed: int = 42
+    positive_labels: tuple[str, ...] = ("malignant", "1", "true", "yes")
+    negative_labels: tuple[str, ...] = ("benign", "0", "false", "no", "normal")
+    rows_per_row_group: int = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    architecture: str = "cnn3"
+    filters: tuple[int, ...] = (32, 64, 128)
+    dense_units: int = 128
+    dropout: float = 0.3
+    epochs: int = 20
+    batch_size: int = 32
+    learning_rate: float = 0.001
+    num_proc: int = 0
+    patience: int = 5
+    seed: int = 42
+    threshold_rule: str = "youden"
+    target_sensitivity: float = 0.9
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreConfig:
+    batch_size: int = 64
+    arrow_batch_rows: int = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class MlflowConfig:
+    tracking_uri: str = ""
+    experiment: str = "oncolake"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    lake: str = "lake"
+    spark: SparkConfig = SparkConfig()
+    hdfs: HdfsConfig = HdfsConfig()
+    ingest: IngestConfig = IngestConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+    train: TrainConfig = TrainConfig()
+    score: ScoreConfig = ScoreConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+
+
+def default_conf_dir() -> Path:
+    """The repository's ``conf/`` folder (next to ``lib/``)."""
+    return Path(__file__).resolve().parents[2] / "conf"
+
+
+def load(env: str = "local", overrides: Sequence[str] = (),
+         environ: Mapping[str, str] | None = None,
+         conf_dir: str | Path | None = None) -> Config:
+    """Resolve the configuration layers into a frozen :class:`Config`."""
+    folder = Path(conf_dir) if conf_dir else default_conf_dir()
+    raw: dict[str, Any] = {}
+    for name in ("base", env):
+        path = folder / f"{name}.yaml"
+        if not path.is_file():
+            if name == "base":
+                continue
+            raise ConfigError(f"no configuration for env {env!r}: {path} does not exist")
+        try:
+            layer = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from err
+        if not isinstance(layer, dict):
+            raise ConfigError(f"{path} must hold a mapping")
+        _merge(raw, layer)
+    for var, key in ENVIRONMENT.items():
+        if environ and environ.get(var):
+            _set(raw, key, environ[var])
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set takes key=value, got {item!r}")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = value
+        _set(raw, key.strip(), value if parsed is None and value else parsed)
+    return _build(Config, raw, "")
+
+
+def describe(cfg: Config) -> dict[str, Any]:
+    """The configuration as a plain dict with secrets hidden, for logging."""
+    def hide(prefix: str, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {k: hide(f"{prefix}{k}.", v) for k, v in value.items()}
+        if isinstance(value, tuple):
+            return list(value)
+        if any(m in prefix.lower() for m in SECRET_MARKERS):
+            return "***"
+        if isinstance(value, str):  # credentials inside a URI: scheme://user:pass@host
+            return re.sub(r"(//)[^/@\s]+@", r"\1***@", value)
+        return value
+    return hide("", dataclasses.asdict(cfg))
+
+
+def _merge(into: dict, layer: Mapping) -> None:
+    for key, value in layer.items():
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = dict(value) if isinstance(value, Mapping) else value
+
+
+def _set(raw: dict, dotted: str, value: Any) -> None:
+    # spark.conf keys contain dots themselves: spark.conf.<anything> is one key.
+    if dotted.startswith("spark.conf."):
+        raw.setdefault("spark", {}).setdefault("conf", {})[dotted[len("spark.conf."):]] = str(value)
+        return
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {dotted}: {part} is not a section")
+    node[leaf] = value
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where or 'configuration'} must be a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown configuration key(s): {', '.join(where + k for k in unknown)}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in raw.items():
+        values[name] = _coerce(hints[name], value, f"{where}{name}")
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        items = value if isinstance(value, (list, tuple)) else [value]
+        inner = typing.get_args(hint)[0]
+        return tuple(_coerce(inner, v, key) for v in items)
+    if origin in (Mapping, dict) or hint is Mapping:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key} must be a mapping")
+        inner = typing.get_args(hint)[1]
+        return {str(k): _coerce(inner, v, f"{key}.{k}") for k, v in value.items()}
+    if hint is str:
+        return "" if value is None else str(value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if hint in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        if hint is int and float(value) != int(value):
+            raise ConfigError(f"{key} must be a whole number, got {value!r}")
+        return hint(value)
+    return value

@@ -1,0 +1,302 @@
+"""Pure image code: sniff, validate, decode and resize. No Spark here.
+
+Validation reads the container structure before decoding anything, for two
+reasons a decoder alone cannot cover: a header claiming 100000 x 100000
+pixels must be refused before a decoder allocates for it, and OpenCV decodes a
+truncated JPEG "successfully" (grey fill, a warning on stderr only), so a JPEG
+counts as complete only if an end-of-image marker follows its first scan.
+
+:func:`prepare` is the one transform from stored bytes to a model tensor; the
+preprocess and scoring jobs both call it, so training and serving agree.
+"""
+from __future__ import annotations
+
+import dataclasses
+import struct
+import zlib
+
+import cv2
+import numpy as np
+
+#: Quarantine reasons, a fixed list.
+REASONS = ("empty", "unreadable", "corrupt", "truncated", "unsupported_format", "too_large", "too_small")
+RESIZE_POLICIES = ("stretch", "crop", "pad")
+SUPPORTED_FORMATS = ("jpeg", "png", "bmp", "tiff")
+
+_UNSUPPORTED_MAGIC = (
+    (b"GIF87a", "gif"), (b"GIF89a", "gif"), (b"\x00\x00\x00\x0cjP  ", "jpeg2000"),
+    (b"\xff\x4f\xff\x51", "jpeg2000"), (b"%PDF", "pdf"), (b"PK\x03\x04", "zip"),
+    (b"\x1f\x8b", "gzip"), (b"II+\x00", "bigtiff"), (b"MM\x00+", "bigtiff"),
+)
+# JPEG start-of-frame markers carry the size; C4 (DHT), C8 (JPG) and CC (DAC) do not.
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}
+
+
+class ImageError(ValueError):
+    """An image failed validation; ``reason`` is one of :data:`REASONS`."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclasses.dataclass(frozen=True)
+class Header:
+    """What the container says about the image, read without decoding pixels."""
+
+    format: str
+    width: int
+    height: int
+    channels: int | None
+    bit_depth: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Inspection:
+    """Outcome of :func:`inspect`: either a valid image's facts or a reason."""
+
+    ok: bool
+    format: str | None = None
+    width: int | None = None
+    height: int | None = None
+    channels: int | None = None
+    bit_depth: int | None = None
+    reason: str | None = None
+    detail: str | None = None
+
+
+def sniff(data: bytes) -> str | None:
+    """The container format from the leading bytes, or None if not an image we know."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if data[:8] == _PNG_SIGNATURE:
+        return "png"
+    if data[:2] == b"BM":
+        return "bmp"
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return "tiff"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if len(data) > 132 and data[128:132] == b"DICM":
+        return "dicom"
+    for magic, name in _UNSUPPORTED_MAGIC:
+        if data.startswith(magic):
+            return name
+    return None
+
+
+def read_header(data: bytes) -> Header:
+    """Parse the container header and check the file is structurally complete.
+
+    Raises :class:`ImageError` (unsupported_format, truncated or corrupt).
+    """
+    fmt = sniff(data)
+    if fmt is None:
+        if _looks_like_text(data[:4096]):
+            raise ImageError("unsupported_format", "a text file, not an image")
+        raise ImageError("corrupt", "no known image signature in the leading bytes")
+    if fmt not in SUPPORTED_FORMATS:
+        raise ImageError("unsupported_format", f"{fmt} images are not supported")
+    try:
+        return {"jpeg": _jpeg_header, "png": _png_header, "bmp": _bmp_header, "tiff": _tiff_header}[fmt](data)
+    except (struct.error, IndexError) as err:
+        raise ImageError("truncated", f"{fmt} header ends early ({err})") from err
+
+
+def inspect(data: bytes, max_pixels: int, min_side: int) -> Inspection:
+    """Validate one file's bytes completely: header, size limits, then a full decode.
+
+    Never raises for bad data: the reason comes back in the result.
+    """
+    if not data:
+        return Inspection(False, reason="empty", detail="the file has no bytes")
+    try:
+        header = read_header(data)
+        if header.width <= 0 or header.height <= 0:
+            raise ImageError("corrupt", f"header gives {header.width}x{header.height} pixels")
+        pixels = header.width * header.height
+        if pixels > max_pixels:
+            raise ImageError("too_large", f"{header.width}x{header.height} = {pixels} pixels "
+                                          f"exceeds the limit of {max_pixels}")
+        if min(header.width, header.height) < min_side:
+            raise ImageError("too_small", f"{header.width}x{header.height} is below "
+                                          f"the minimum side of {min_side}")
+        array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        if array is None:
+            raise ImageError("corrupt", f"the {header.format} decoder could not read the pixels")
+        if array.shape[:2] != (header.height, header.width):
+            raise ImageError("corrupt", f"decoded {array.shape[1]}x{array.shape[0]} but the "
+                                        f"header says {header.width}x{header.height}")
+    except ImageError as err:
+        return Inspection(False, reason=err.reason, detail=err.detail)
+    except cv2.error as err:
+        return Inspection(False, reason="corrupt", detail=f"decoder error: {str(err).strip()[:200]}")
+    channels = header.channels or (1 if array.ndim == 2 else array.shape[2])
+    bit_depth = header.bit_depth or array.dtype.itemsize * 8
+    return Inspection(True, header.format, header.width, header.height, channels, bit_depth)
+
+
+def decode_rgb(data: bytes) -> np.ndarray:
+    """Decode to 8-bit RGB, HxWx3, with EXIF orientation applied.
+
+    Grayscale is replicated, alpha dropped, 16-bit scaled to 8-bit and CMYK
+    converted, all by OpenCV's colour path. Raises :class:`ImageError`.
+    """
+    if not data:
+        raise ImageError("empty", "the file has no bytes")
+    array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if array is None:
+        raise ImageError("corrupt", "OpenCV could not decode the bytes")
+    return cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
+
+
+def resize(image: np.ndarray, size: int, policy: str = "stretch") -> np.ndarray:
+    """Resize an HxWxC image to ``size`` x ``size``.
+
+    ``stretch`` ignores the aspect ratio; ``crop`` keeps the centred square;
+    ``pad`` centres the image on a black square. Area interpolation when
+    shrinking (no aliasing), linear when enlarging.
+    """
+    if policy not in RESIZE_POLICIES:
+        raise ValueError(f"resize policy must be one of {RESIZE_POLICIES}, got {policy!r}")
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {size}")
+    height, width = image.shape[:2]
+    if policy == "crop":
+        side = min(height, width)
+        top, left = (height - side) // 2, (width - side) // 2
+        image = image[top:top + side, left:left + side]
+    elif policy == "pad":
+        side = max(height, width)
+        top, left = (side - height) // 2, (side - width) // 2
+        image = cv2.copyMakeBorder(image, top, side - height - top, left, side - width - left,
+                                   cv2.BORDER_CONSTANT, value=0)
+    shrinking = image.shape[0] >= size and image.shape[1] >= size
+    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    return cv2.resize(image, (size, size), interpolation=interpolation)
+
+
+def prepare(data: bytes, size: int, policy: str = "stretch") -> np.ndarray:
+    """Stored bytes to the model's input: uint8 RGB, ``size`` x ``size`` x 3."""
+    return np.ascontiguousarray(resize(decode_rgb(data), size, policy), dtype=np.uint8)
+
+
+# --- container parsers ---------------------------------------------------------
+
+def _jpeg_header(data: bytes) -> Header:
+    pos, end = 2, len(data)
+    frame = None
+    while True:
+        if pos + 4 > end:
+            raise ImageError("truncated", "JPEG ends before its first scan")
+        if data[pos] != 0xFF:
+            raise ImageError("corrupt", f"JPEG marker expected at byte {pos}")
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # stand-alone markers
+            pos += 2
+            continue
+        if marker == 0xD9:
+            raise ImageError("corrupt", "JPEG ends before any scan")
+        length = struct.unpack(">H", data[pos + 2:pos + 4])[0]
+        if marker in _JPEG_SOF:
+            if pos + 10 > end:
+                raise ImageError("truncated", "JPEG frame header ends early")
+            precision, height, width, components = struct.unpack(">BHHB", data[pos + 4:pos + 10])
+            frame = (width, height, components, precision)
+        if marker == 0xDA:
+            break
+        pos += 2 + length
+    if frame is None:
+        raise ImageError("corrupt", "JPEG has a scan but no frame header")
+    # Entropy-coded data escapes 0xFF as FF00, so FFD9 after the scan starts is the real end.
+    if data.find(b"\xff\xd9", pos) < 0:
+        raise ImageError("truncated", "JPEG has no end-of-image marker after its scan data")
+    width, height, components, precision = frame
+    return Header("jpeg", width, height, components, precision)
+
+
+def _png_header(data: bytes) -> Header:
+    pos, end = 8, len(data)
+    header = None
+    while True:
+        if pos + 8 > end:
+            raise ImageError("truncated", "PNG ends before its IEND chunk")
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        stop = pos + 12 + length
+        if stop > end:
+            raise ImageError("truncated", f"PNG chunk {kind!r} runs past the end of the file")
+        body = data[pos + 8:pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[stop - 4:stop])
+        if zlib.crc32(kind + body) != crc:
+            raise ImageError("corrupt", f"PNG chunk {kind!r} fails its CRC check")
+        if header is None:
+            if kind != b"IHDR" or length != 13:
+                raise ImageError("corrupt", "PNG does not start with an IHDR chunk")
+            width, height, depth, color = struct.unpack(">IIBB", body[:10])
+            header = [width, height, _PNG_CHANNELS.get(color), depth]
+        elif kind == b"tRNS" and header[2] == 3:
+            header[2] = 4
+        elif kind == b"IEND":
+            break
+        pos = stop
+    if header[2] is None:
+        raise ImageError("corrupt", "PNG has an unknown colour type")
+    return Header("png", header[0], header[1], header[2], header[3])
+
+
+def _bmp_header(data: bytes) -> Header:
+    declared_size, offset, dib = struct.unpack("<I4xII", data[2:18])
+    if dib == 12:
+        width, height, _, bpp = struct.unpack("<HHHH", data[18:26])
+        compression = 0
+    else:
+        width, height, _, bpp, compression = struct.unpack("<iiHHI", data[18:34])
+    height = abs(height)
+    if compression == 0:  # uncompressed rows are padded to 4 bytes
+        needed = offset + height * (((width * bpp + 31) // 32) * 4)
+        if len(data) < needed:
+            raise ImageError("truncated", f"BMP needs {needed} bytes, has {len(data)}")
+    elif declared_size and len(data) < declared_size:
+        raise ImageError("truncated", f"BMP header says {declared_size} bytes, has {len(data)}")
+    return Header("bmp", width, height, None, None)
+
+
+def _tiff_header(data: bytes) -> Header:
+    order = "<" if data[:2] == b"II" else ">"
+    (ifd,) = struct.unpack(order + "I", data[4:8])
+    (count,) = struct.unpack(order + "H", data[ifd:ifd + 2])
+    sizes = {1: 1, 3: 2, 4: 4, 16: 8}
+    codes = {1: "B", 3: "H", 4: "I", 16: "Q"}
+    tags: dict[int, tuple[int, ...]] = {}
+    for i in range(count):
+        entry = data[ifd + 2 + 12 * i: ifd + 14 + 12 * i]
+        tag, kind, n = struct.unpack(order + "HHI", entry[:8])
+        if kind not in sizes:
+            continue
+        span = sizes[kind] * n
+        raw = entry[8:8 + span] if span <= 4 else data[struct.unpack(order + "I", entry[8:12])[0]:][:span]
+        if len(raw) < span:
+            raise ImageError("truncated", f"TIFF tag {tag} points past the end of the file")
+        tags[tag] = struct.unpack(order + codes[kind] * n, raw)
+    if 256 not in tags or 257 not in tags:
+        raise ImageError("corrupt", "TIFF has no image width or length")
+    for offsets, counts in ((273, 279), (324, 325)):  # strips, tiles
+        if offsets in tags and counts in tags:
+            last = max(o + c for o, c in zip(tags[offsets], tags[counts]))
+            if last > len(data):
+                raise ImageError("truncated", f"TIFF image data needs {last} bytes, has {len(data)}")
+    samples = tags.get(277, (None,))[0]
+    depth = tags.get(258, (None,))[0]
+    return Header("tiff", tags[256][0], tags[257][0], samples, depth)
+
+
+def _looks_like_text(head: bytes) -> bool:
+    text = head.decode("utf-8", errors="replace")
+    printable = sum((ch.isprintable() and ch != "\ufffd") or ch in "\r\n\t" for ch in text)
+    return printable >= 0.95 * max(len(text), 1)

@@ -1,0 +1,324 @@
+"""Ingest: a folder of raw images becomes rows of the bronze Delta table.
+
+Executors read and fully validate every candidate file (:func:`imaging.inspect`);
+the driver only sees file names, sizes and counts. Good images are merged into
+``bronze.images`` on (dataset, image_id = SHA-256 of the bytes); bad files go to
+``bronze.quarantine`` with a reason. A table is only committed to when there is
+something new, so a re-run on the same input leaves every table version as it was.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+from functools import partial
+from typing import Any, Iterator
+
+import pandas as pd
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from oncolake import imaging, lake, schema
+from oncolake.config import Config
+from oncolake.errors import ConfigError, DataQualityError, InputError
+
+log = logging.getLogger(__name__)
+
+_INSPECTED = schema.INSPECTION.add("content", "binary", True)
+
+
+def run(spark: SparkSession, cfg: Config, dataset: str, source: str,
+        labels: str | None = None, ingest_date: str | None = None) -> dict[str, Any]:
+    """Ingest every image under ``source`` into ``bronze.images`` for ``dataset``.
+
+    Returns the job summary (counts, table URI and version).
+    """
+    if not dataset or not dataset.replace("_", "").replace("-", "").isalnum():
+        raise ConfigError(f"dataset must be letters, digits, - or _, got {dataset!r}")
+    day = _parse_date(ingest_date)
+    now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    icfg = cfg.ingest
+    root = lake.qualify(spark, source)
+    if not lake.is_dir(spark, root):
+        raise InputError(f"input folder {source} does not exist or is not a folder")
+    bronze_uri = lake.table_uri(lake.qualify(spark, cfg.lake), "bronze.images")
+    quarantine_uri = lake.table_uri(lake.qualify(spark, cfg.lake), "bronze.quarantine")
+    log.info("ingest dataset=%s input=%s labels=%s ingest_date=%s table=%s",
+             dataset, root, labels, day, bronze_uri)
+
+    listing = _list_files(spark, root)
+    label_rows = _read_labels(spark, labels, icfg.group_columns) if labels else None
+    files = _classify(listing, label_rows, icfg.extensions, icfg.max_file_bytes)
+    files.persist(StorageLevel.MEMORY_AND_DISK)
+    inspected = None
+    try:
+        stats = {r["status"]: r["count"] for r in files.groupBy("status").count().collect()}
+        odd_paths = [r["path"] for r in files.filter("status = 'read' AND NOT has_image_ext").collect()]
+        content = _read_content(spark, root, icfg.extensions, icfg.max_file_bytes, odd_paths)
+        inspected = content.mapInPandas(
+            partial(_inspect_batches, max_pixels=icfg.max_pixels, min_side=icfg.min_side), _INSPECTED)
+        # Decoding is the expensive step: do it once, keep the result on local disk.
+        inspected.persist(StorageLevel.DISK_ONLY)
+        inspected.count()
+
+        good = _bronze_rows(inspected, files, dataset, now, day)
+        bad = _quarantine_rows(inspected, files, dataset, now, day)
+        bronze = lake.ensure_delta_table(spark, bronze_uri, schema.BRONZE_IMAGES,
+                                         schema.BRONZE_IMAGES_PARTITIONS)
+        merged = _merge_images(spark, bronze, good, dataset, bronze_uri)
+        lake.ensure_delta_table(spark, quarantine_uri, schema.BRONZE_QUARANTINE,
+                                schema.BRONZE_QUARANTINE_PARTITIONS)
+        quarantine_added = _merge_quarantine(spark, quarantine_uri, bad, dataset)
+
+        valid = inspected.filter(F.col("reason").isNull()).count()
+        reasons = {r["reason"]: r["count"] for r in bad.groupBy("reason").count().collect()}
+        labels_without_file = 0
+        if label_rows is not None:
+            labels_without_file = label_rows.join(listing, "relative_path", "left_anti").count()
+        return {
+            "job": "ingest",
+            "dataset": dataset,
+            "input": root,
+            "ingest_date": day.isoformat(),
+            "files_seen": sum(stats.values()),
+            "candidates": sum(v for k, v in stats.items() if k != "skipped"),
+            "valid": valid,
+            "ingested": merged["inserted"],
+            "labels_updated": merged["updated"],
+            "already_present": merged["already_present"],
+            "duplicates": valid - merged["distinct"],
+            "quarantined": sum(reasons.values()),
+            "quarantine_added": quarantine_added,
+            "quarantine_reasons": dict(sorted(reasons.items())),
+            "skipped": stats.get("skipped", 0),
+            "labels_without_file": labels_without_file,
+            "table": bronze_uri,
+            "table_version": lake.table_version(spark, bronze_uri),
+            "quarantine_table": quarantine_uri,
+        }
+    finally:
+        files.unpersist()
+        if inspected is not None:
+            inspected.unpersist()
+
+
+def _parse_date(value: str | None) -> dt.date:
+    if value is None:
+        return dt.datetime.now(dt.timezone.utc).date()
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError as err:
+        raise ConfigError(f"--ingest-date must be YYYY-MM-DD, got {value!r}") from err
+
+
+def _list_files(spark: SparkSession, root: str) -> DataFrame:
+    """Every file under ``root`` with its size; no content is read (column pruning)."""
+    listing = (spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(root)
+               .select("path", "length"))
+    # Spark renders paths as URIs (a space is %20); relative_path is the plain name.
+    prefix_len = len(_uri_prefix(spark, root)) + 1
+    return listing.withColumn(
+        "relative_path", F.expr(f"url_decode(substring(path, {prefix_len + 1}))"))
+
+
+def _uri_prefix(spark: SparkSession, root: str) -> str:
+    """``root`` as binaryFile renders the folder part of its paths (``file:/a/b``)."""
+    jvm = spark.sparkContext._jvm
+    return str(jvm.org.apache.hadoop.fs.Path(root).toUri().toString()).rstrip("/")
+
+
+def _read_labels(spark: SparkSession, uri: str, group_columns: tuple[str, ...]) -> DataFrame:
+    """The labels CSV as (relative_path, label, group_id, attributes)."""
+    if not lake.exists(spark, uri):
+        raise InputError(f"labels CSV {uri} does not exist")
+    try:
+        raw = (spark.read.option("header", "true").option("escape", '"').option("mode", "FAILFAST")
+               .csv(uri))
+        columns = raw.columns
+    except Exception as err:  # Spark raises several types for an unreadable CSV
+        raise InputError(f"labels CSV {uri} cannot be read: {str(err).splitlines()[0][:200]}") from err
+    missing = {"path", "label"} - set(columns)
+    if missing:
+        raise InputError(f"labels CSV {uri} has no {' or '.join(sorted(missing))} column "
+                         f"(columns: {', '.join(columns)})")
+    group = next((c for c in group_columns if c in columns), None)
+    extra = sorted(c for c in columns if c not in ("path", "label", group))
+    attributes = (F.create_map(*[x for c in extra for x in (F.lit(c), F.col(f"`{c}`"))]) if extra
+                  else F.create_map().cast("map<string,string>"))
+    rows = raw.select(
+        F.regexp_replace(F.regexp_replace(F.trim("path"), r"\\", "/"), r"^(\./)+", "").alias("relative_path"),
+        F.nullif(F.trim("label"), F.lit("")).alias("label"),
+        (F.nullif(F.trim(F.col(group)), F.lit("")) if group else F.lit(None).cast("string")).alias("group_id"),
+        attributes.alias("attributes"),
+    ).filter(F.col("relative_path").isNotNull() & (F.col("relative_path") != ""))
+    try:
+        conflicts = (rows.groupBy("relative_path").agg(F.countDistinct("label").alias("n"))
+                     .filter("n > 1").limit(5).collect())
+    except Exception as err:
+        raise InputError(f"labels CSV {uri} cannot be read: {str(err).splitlines()[0][:200]}") from err
+    if conflicts:
+        raise DataQualityError(f"labels CSV {uri} gives different labels to the same path: "
+                               f"{', '.join(r['relative_path'] for r in conflicts)}")
+    return rows.dropDuplicates(["relative_path"])
+
+
+def _classify(listing: DataFrame, labels: DataFrame | None, extensions: tuple[str, ...],
+              max_bytes: int) -> DataFrame:
+    """Add ``status``: skipped, empty, too_large (by bytes) or read; and the CSV columns."""
+    ext = F.lower(F.regexp_extract("relative_path", r"(\.[^./]+)$", 1))
+    files = listing.withColumn("has_image_ext", ext.isin([e.lower() for e in extensions]))
+    if labels is not None:
+        files = files.join(labels.withColumn("in_csv", F.lit(True)), "relative_path", "left")
+    else:
+        files = (files.withColumn("label", F.lit(None).cast("string"))
+                 .withColumn("group_id", F.lit(None).cast("string"))
+                 .withColumn("attributes", F.lit(None).cast("map<string,string>"))
+                 .withColumn("in_csv", F.lit(False)))
+    candidate = F.col("has_image_ext") | F.coalesce(F.col("in_csv"), F.lit(False))
+    return files.withColumn(
+        "status",
+        F.when(~candidate, "skipped").when(F.col("length") == 0, "empty")
+        .when(F.col("length") > max_bytes, "too_large").otherwise("read"))
+
+
+def _read_content(spark: SparkSession, root: str, extensions: tuple[str, ...], max_bytes: int,
+                  odd_paths: list[str]) -> DataFrame:
+    """The bytes of every candidate; executors read them, the driver never does.
+
+    A file that cannot be read (permissions, vanished) is left out of the
+    result rather than failing the job; the caller quarantines what is missing.
+    """
+    def reader():
+        return (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
+                .option("ignoreCorruptFiles", "true").option("ignoreMissingFiles", "true"))
+    # Only image extensions are read in bulk; the glob keeps other files unread.
+    content = reader().option("pathGlobFilter", _glob(extensions)).load(root)
+    if odd_paths:  # files without an image extension that the labels CSV names
+        content = content.unionByName(reader().load(odd_paths))
+    return content.filter((F.col("length") > 0) & (F.col("length") <= max_bytes)).select(
+        "path", "content")
+
+
+def _glob(extensions: tuple[str, ...]) -> str:
+    """A case-insensitive Hadoop glob for file names ending in one of ``extensions``."""
+    def fold(ext: str) -> str:
+        return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in ext.lstrip("."))
+    return "*.{" + ",".join(fold(e) for e in extensions) + "}"
+
+
+def _inspect_batches(batches: Iterator[pd.DataFrame], max_pixels: int,
+                     min_side: int) -> Iterator[pd.DataFrame]:
+    """Executor side: hash and fully validate each file; content kept for good ones only."""
+    import cv2
+    cv2.setNumThreads(1)  # one task, one core
+    for batch in batches:
+        rows = []
+        for path, data in zip(batch["path"], batch["content"]):
+            data = bytes(data)
+            result = imaging.inspect(data, max_pixels=max_pixels, min_side=min_side)
+            rows.append({
+                "path": path, "image_id": hashlib.sha256(data).hexdigest(),
+                "format": result.format, "width": result.width, "height": result.height,
+                "channels": result.channels, "bit_depth": result.bit_depth,
+                "reason": result.reason, "detail": result.detail,
+                "content": data if result.ok else None,
+            })
+        out = pd.DataFrame(rows, columns=[f.name for f in _INSPECTED.fields])
+        for column in ("width", "height", "channels", "bit_depth"):
+            out[column] = out[column].astype("Int32")
+        yield out
+
+
+def _bronze_rows(inspected: DataFrame, files: DataFrame, dataset: str, now: dt.datetime,
+                 day: dt.date) -> DataFrame:
+    """One row per distinct good image; of identical files the first path wins."""
+    meta = files.select("path", "relative_path", "length", "label", "group_id", "attributes")
+    good = inspected.filter(F.col("reason").isNull()).join(meta, "path")
+    canonical = good.groupBy("image_id").agg(F.min("path").alias("path"))
+    return good.join(canonical, ["image_id", "path"]).select(
+        "image_id", F.lit(dataset).alias("dataset"), "path", "relative_path", "label", "group_id",
+        F.coalesce("attributes", F.create_map().cast("map<string,string>")).alias("attributes"),
+        "format", "width", "height", "channels", "bit_depth",
+        F.col("length").alias("size_bytes"), "content",
+        F.lit(now).cast("timestamp").alias("ingested_at"),
+        F.lit(now).cast("timestamp").alias("updated_at"),
+        F.lit(day).cast("date").alias("ingest_date"))
+
+
+def _quarantine_rows(inspected: DataFrame, files: DataFrame, dataset: str, now: dt.datetime,
+                     day: dt.date) -> DataFrame:
+    """Bad files: failed validation, refused by size, or not readable at all."""
+    meta = files.select("path", "relative_path", "length", "status")
+    failed = inspected.filter(F.col("reason").isNotNull()).join(meta, "path").select(
+        "path", "relative_path", "length", "reason", "detail", F.col("image_id").alias("content_sha256"))
+    refused = meta.filter(F.col("status").isin("empty", "too_large")).select(
+        "path", "relative_path", "length", F.col("status").alias("reason"),
+        F.when(F.col("status") == "empty", F.lit("the file has no bytes"))
+        .otherwise(F.concat(F.lit("file of "), F.col("length").cast("string"),
+                            F.lit(" bytes exceeds ingest.max_file_bytes"))).alias("detail"),
+        F.lit(None).cast("string").alias("content_sha256"))
+    unreadable = (meta.filter(F.col("status") == "read").join(inspected.select("path"), "path", "left_anti")
+                  .select("path", "relative_path", "length", F.lit("unreadable").alias("reason"),
+                          F.lit("Spark could not read the file (permissions or I/O error)").alias("detail"),
+                          F.lit(None).cast("string").alias("content_sha256")))
+    return failed.unionByName(refused).unionByName(unreadable).select(
+        F.lit(dataset).alias("dataset"), "path", "relative_path", "reason", "detail",
+        F.col("length").alias("size_bytes"), "content_sha256",
+        F.lit(now).cast("timestamp").alias("quarantined_at"),
+        F.lit(day).cast("date").alias("ingest_date"))
+
+
+def _merge_images(spark: SparkSession, bronze, rows: DataFrame, dataset: str,
+                  uri: str) -> dict[str, int]:
+    """MERGE new images in and corrected labels over; commit only if something changed."""
+    rows = rows.persist(StorageLevel.DISK_ONLY)
+    try:
+        distinct = rows.count()
+        target = (bronze.toDF().filter(F.col("dataset") == dataset)
+                  .select("image_id", F.col("label").alias("t_label"), F.col("group_id").alias("t_group"),
+                          F.to_json("attributes").alias("t_attrs")))
+        keyed = rows.select("image_id", "label", "group_id", F.to_json("attributes").alias("attrs"))
+        present = keyed.join(target, "image_id")
+        changed = present.filter(~(F.col("label").eqNullSafe(F.col("t_label"))
+                                   & F.col("group_id").eqNullSafe(F.col("t_group"))
+                                   & F.col("attrs").eqNullSafe(F.col("t_attrs"))))
+        already, n_changed = present.count(), changed.count()
+        inserted = updated = 0
+        if distinct - already or n_changed:
+            differs = ("NOT (t.label <=> s.label AND t.group_id <=> s.group_id "
+                       "AND to_json(t.attributes) <=> to_json(s.attributes))")
+
+            def merge() -> None:
+                (bronze.alias("t").merge(
+                    rows.alias("s"),
+                    f"t.dataset = '{dataset}' AND t.dataset = s.dataset AND t.image_id = s.image_id")
+                 .whenMatchedUpdate(condition=differs, set={
+                     "label": "s.label", "group_id": "s.group_id", "attributes": "s.attributes",
+                     "updated_at": "s.updated_at"})
+                 .whenNotMatchedInsertAll()
+                 .execute())
+            lake.with_retry(merge, f"merge into {uri}")
+            metrics = bronze.history(1).select("operationMetrics").first()[0]
+            inserted = int(metrics.get("numTargetRowsInserted", 0))
+            updated = int(metrics.get("numTargetRowsUpdated", 0))
+        return {"inserted": inserted, "updated": updated, "already_present": already,
+                "distinct": distinct}
+    finally:
+        rows.unpersist()
+
+
+def _merge_quarantine(spark: SparkSession, uri: str, rows: DataFrame, dataset: str) -> int:
+    """Insert quarantine rows not already recorded (same dataset, path and content)."""
+    from delta.tables import DeltaTable
+    table = DeltaTable.forPath(spark, uri)
+    key = ("t.dataset = s.dataset AND t.path = s.path AND t.reason = s.reason "
+           "AND t.content_sha256 <=> s.content_sha256")
+    existing = table.toDF().filter(F.col("dataset") == dataset).alias("t")
+    new = rows.alias("s").join(existing, F.expr(key), "left_anti")
+    if new.limit(1).count() == 0:
+        return 0
+    lake.with_retry(lambda: table.alias("t").merge(rows.alias("s"), f"t.dataset = '{dataset}' AND {key}")
+                    .whenNotMatchedInsertAll().execute(), f"merge into {uri}")
+    metrics = table.history(1).select("operationMetrics").first()[0]
+    return int(metrics.get("numTargetRowsInserted", 0))

@@ -1,0 +1,134 @@
+"""The lake's layout and storage: URIs, Hadoop file system calls, Delta writes.
+
+Every path is a URI resolved by Hadoop on the driver (file:, hdfs:, s3a:), so
+the same code runs with the lake on local disk or on HDFS.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, TypeVar
+
+from delta.tables import DeltaTable
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql.types import StructType
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: Table name -> location under the lake root.
+TABLES = {
+    "bronze.images": "bronze/images",
+    "bronze.quarantine": "bronze/quarantine",
+    "silver.splits": "silver/splits",
+    "gold.predictions": "gold/predictions",
+}
+
+
+def _hadoop_path(spark: SparkSession, uri: str):
+    jvm = spark.sparkContext._jvm
+    path = jvm.org.apache.hadoop.fs.Path(uri)
+    return path, path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
+
+
+def qualify(spark: SparkSession, uri: str) -> str:
+    """An absolute, scheme-qualified URI for ``uri`` (a relative path is taken from the cwd)."""
+    path, fs = _hadoop_path(spark, uri)
+    return str(fs.makeQualified(path).toString()).rstrip("/")
+
+
+def table_uri(lake: str, table: str) -> str:
+    """The URI of one of :data:`TABLES` under the lake root ``lake``."""
+    return f"{lake.rstrip('/')}/{TABLES[table]}"
+
+
+def exists(spark: SparkSession, uri: str) -> bool:
+    path, fs = _hadoop_path(spark, uri)
+    return bool(fs.exists(path))
+
+
+def is_dir(spark: SparkSession, uri: str) -> bool:
+    path, fs = _hadoop_path(spark, uri)
+    return bool(fs.exists(path) and fs.getFileStatus(path).isDirectory())
+
+
+def read_text(spark: SparkSession, uri: str) -> str:
+    """A small text file's content (manifests, model metadata)."""
+    path, fs = _hadoop_path(spark, uri)
+    stream = fs.open(path)
+    try:
+        jvm = spark.sparkContext._jvm
+        return str(jvm.org.apache.commons.io.IOUtils.toString(stream, "UTF-8"))
+    finally:
+        stream.close()
+
+
+def write_text(spark: SparkSession, uri: str, text: str) -> None:
+    """Write a small text file, replacing any file already there."""
+    path, fs = _hadoop_path(spark, uri)
+    stream = fs.create(path, True)
+    try:
+        stream.write(bytearray(text.encode("utf-8")))
+    finally:
+        stream.close()
+
+
+def rename(spark: SparkSession, src: str, dst: str) -> bool:
+    """Atomic rename on HDFS and local disk; False if ``dst`` exists or ``src`` doesn't."""
+    src_path, fs = _hadoop_path(spark, src)
+    dst_path, _ = _hadoop_path(spark, dst)
+    return bool(fs.rename(src_path, dst_path))
+
+
+def delete(spark: SparkSession, uri: str) -> None:
+    path, fs = _hadoop_path(spark, uri)
+    fs.delete(path, True)
+
+
+def list_dir(spark: SparkSession, uri: str) -> list[str]:
+    """Names of the entries directly under ``uri`` (empty if it does not exist)."""
+    path, fs = _hadoop_path(spark, uri)
+    if not fs.exists(path):
+        return []
+    return sorted(str(s.getPath().getName()) for s in fs.listStatus(path))
+
+
+def ensure_delta_table(spark: SparkSession, uri: str, schema: StructType,
+                       partition_by: tuple[str, ...] = ()) -> DeltaTable:
+    """The Delta table at ``uri``, created empty with ``schema`` if it does not exist."""
+    def create() -> DeltaTable:
+        (DeltaTable.createIfNotExists(spark).location(uri).addColumns(schema)
+         .partitionedBy(*partition_by).execute())
+        return DeltaTable.forPath(spark, uri)
+    return with_retry(create, f"create {uri}")
+
+
+def table_version(spark: SparkSession, uri: str) -> int:
+    """The table's current Delta version."""
+    return int(DeltaTable.forPath(spark, uri).history(1).select("version").first()[0])
+
+
+def append(df: DataFrame, uri: str, partition_by: tuple[str, ...] = ()) -> None:
+    """Append ``df`` to the Delta table at ``uri`` (schema must match exactly)."""
+    with_retry(lambda: df.write.format("delta").mode("append").partitionBy(*partition_by).save(uri),
+               f"append to {uri}")
+
+
+def with_retry(action: Callable[[], T], what: str, attempts: int = 5, backoff_s: float = 0.5) -> T:
+    """Run a Delta commit, retrying when a concurrent writer won the race.
+
+    Delta's optimistic concurrency makes the losing commit fail with a
+    concurrent-modification error; the action is re-run against the new
+    snapshot (callers make it idempotent: MERGE on keys, inserts guarded).
+    """
+    from delta.exceptions import DeltaConcurrentModificationException
+    for attempt in range(1, attempts + 1):
+        try:
+            return action()
+        except DeltaConcurrentModificationException as err:
+            if attempt == attempts:
+                raise
+            log.warning("%s lost a concurrent commit (%s); retry %d/%d",
+                        what, type(err).__name__, attempt, attempts - 1)
+            time.sleep(backoff_s * attempt)
+    raise AssertionError("unreachable")

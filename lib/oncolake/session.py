@@ -1,0 +1,58 @@
+"""Assembles the SparkSession: app name, Delta extensions, configured conf.
+
+The only module that builds or stops a session. A session that was already
+active when a job started (a test's, a notebook's) is used and left running.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from pyspark.sql import SparkSession
+
+from oncolake.config import Config
+
+log = logging.getLogger(__name__)
+
+DELTA_CONF = {
+    "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
+    "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
+}
+_owned: set[int] = set()
+
+
+def jar_dir(group: str = "spark") -> Path:
+    """Where scripts/setup.sh linked the resolved jars of ``group`` (conf/jvm.txt)."""
+    return Path(__file__).resolve().parents[2] / ".cache" / "jars" / group
+
+
+def jars(group: str = "spark") -> list[str]:
+    """The resolved jar files of ``group``, sorted; empty if set-up has not run."""
+    folder = jar_dir(group)
+    return sorted(str(p) for p in folder.glob("*.jar")) if folder.is_dir() else []
+
+
+def build(app: str, cfg: Config) -> SparkSession:
+    """The active session if there is one, else a new Delta-enabled session.
+
+    Master, jars and memory come from spark-submit (scripts/submit.sh passes
+    the configured ones); ``cfg.spark.conf`` is applied on top.
+    """
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        log.info("using the active Spark session (%s)", active.sparkContext.master)
+        return active
+    builder = SparkSession.builder.appName(f"oncolake-{app}")
+    for key, value in {**DELTA_CONF, **cfg.spark.conf}.items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    _owned.add(id(spark))
+    log.info("started Spark session %s on %s", spark.sparkContext.applicationId, spark.sparkContext.master)
+    return spark
+
+
+def stop(spark: SparkSession) -> None:
+    """Stop ``spark`` if :func:`build` created it; leave a borrowed session alone."""
+    if id(spark) in _owned:
+        _owned.discard(id(spark))
+        spark.stop()

@@ -1,0 +1,74 @@
+"""Build and run the spark-submit command for one job (scripts/submit.sh).
+
+    python -m oncolake.submit JOB [--master URL] [--env ENV] [--set K=V ...] [JOB ARGS...]
+
+Master, Spark conf and jars come from the resolved configuration and the
+jar cache; the package reaches executors only as the --py-files zip.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from oncolake import cli, config, session
+from oncolake.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def command(job: str, args: Sequence[str], zip_path: str, python: str,
+            environ: dict[str, str]) -> list[str]:
+    """The spark-submit argument list for ``job`` with its ``args``."""
+    script = ROOT / "jobs" / f"{job}.py"
+    if not script.is_file():
+        known = sorted(p.stem for p in (ROOT / "jobs").glob("*.py"))
+        raise ConfigError(f"no job {job!r}; jobs: {', '.join(known)}")
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--master")
+    pre.add_argument("--env", default="local")
+    pre.add_argument("--set", action="append", default=[])
+    pre.add_argument("--lake")
+    known, rest = pre.parse_known_args(list(args))
+    overrides = known.set + ([f"lake={known.lake}"] if known.lake else [])
+    cfg = config.load(known.env, overrides=overrides, environ=environ)
+    jars = session.jars("spark")
+    if not jars:
+        raise ConfigError(f"no jars in {session.jar_dir('spark')}: run scripts/setup.sh first")
+    cmd = [str(Path(python).parent / "spark-submit"),
+           "--master", known.master or cfg.spark.master,
+           "--name", f"oncolake-{job}",
+           "--jars", ",".join(jars),
+           "--py-files", zip_path,
+           "--conf", f"spark.pyspark.python={python}",
+           "--conf", f"spark.pyspark.driver.python={python}"]
+    for key, value in {**session.DELTA_CONF, **cfg.spark.conf}.items():
+        cmd += ["--conf", f"{key}={value}"]
+    job_args = ["--env", known.env] + [a for s in known.set for a in ("--set", s)]
+    if known.lake:
+        job_args += ["--lake", known.lake]
+    return cmd + [str(script)] + job_args + rest
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cli.setup_logging()
+    if not argv or argv[0].startswith("-"):
+        print("usage: scripts/submit.sh JOB [--master URL] [--env ENV] [--set K=V] [JOB ARGS...]",
+              file=sys.stderr)
+        return 2
+    try:
+        cmd = command(argv[0], argv[1:], os.environ["ONCOLAKE_ZIP"], sys.executable, dict(os.environ))
+    except ConfigError as err:
+        return cli.fail("submit", err)
+    cli.log.info("running: %s", shlex.join(cmd))
+    sys.stdout.flush()
+    os.execv(cmd[0], cmd)
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# Set up oncolake on this machine: idempotent, loud on failure.
+#
+#   scripts/setup.sh
+#
+# 1. Builds a wheel cache for the pinned Python stack (conf/requirements.txt),
+#    Horovod compiled from source against the pinned TensorFlow, once per pin
+#    set, under $ONCOLAKE_CACHE (default ~/.cache/oncolake), outside the clone.
+# 2. Creates .venv in the clone from those wheels only (no network) and
+#    leaves oncolake itself out: jobs get it as the --py-files zip.
+# 3. Resolves the JVM jars of conf/jvm.txt once from Maven Central into the
+#    cache and links them at .cache/jars (ignored) for Spark and HDFS.
+# A second run with nothing changed does nothing and takes seconds.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+cache="${ONCOLAKE_CACHE:-$HOME/.cache/oncolake}"
+python="${ONCOLAKE_PYTHON:-python3.11}"
+step="start"
+trap 'echo "setup.sh: FAILED at step: $step" >&2' ERR
+
+log() { echo "setup.sh: $*" >&2; }
+
+horovod_spec="$(sed -n 's/^# HOROVOD //p' conf/requirements.txt)"
+export HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 \
+       HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1
+py_key="$(cat conf/requirements.txt | sha256sum | cut -c1-16)"
+jvm_key="$(cat conf/jvm.txt | sha256sum | cut -c1-16)"
+wheels="$cache/wheels/$py_key"
+
+step="check tools"
+command -v "$python" >/dev/null || { log "need $python on PATH"; exit 1; }
+command -v java >/dev/null || { log "need java (17) on PATH"; exit 1; }
+command -v mvn >/dev/null || { log "need mvn (Maven) on PATH"; exit 1; }
+
+# --- 1. wheel cache ---------------------------------------------------------
+if [ ! -f "$wheels/.complete" ]; then
+  step="build wheel cache $wheels"
+  log "building the wheel cache (first run for these pins: several minutes)"
+  mkdir -p "$wheels"
+  build="$cache/build-venv/$py_key"
+  rm -rf "$build"
+  "$python" -m venv "$build"
+  "$build/bin/pip" install -q -U pip wheel packaging 'setuptools<70'
+  step="download/build the pinned wheels"
+  "$build/bin/pip" wheel -q -w "$wheels" -r conf/requirements.txt
+  step="install the pinned wheels into the build venv"
+  "$build/bin/pip" install -q --no-index --find-links "$wheels" -r conf/requirements.txt
+  step="compile Horovod against TensorFlow ($horovod_spec)"
+  "$build/bin/pip" wheel -q --no-cache-dir --no-build-isolation --no-deps \
+      -w "$wheels" "${horovod_spec%%\[*}==${horovod_spec##*==}"
+  step="fetch Horovod's extra dependencies"
+  "$build/bin/pip" wheel -q --find-links "$wheels" -w "$wheels" \
+      -c conf/requirements.txt "$horovod_spec"
+  rm -rf "$build"
+  touch "$wheels/.complete"
+fi
+
+# --- 2. the clone's virtual environment -------------------------------------
+stamp=".venv/.oncolake-$py_key"
+if [ ! -f "$stamp" ]; then
+  step="create .venv from the wheel cache"
+  log "creating .venv from $wheels"
+  rm -rf .venv
+  "$python" -m venv .venv
+  .venv/bin/pip install -q --no-index --find-links "$wheels" -U pip wheel 'setuptools<70' 2>/dev/null \
+    || .venv/bin/pip install -q --no-index --find-links "$wheels" 'setuptools<70'
+  .venv/bin/pip install -q --no-index --find-links "$wheels" \
+      -r conf/requirements.txt "$horovod_spec"
+  step="check the Horovod build"
+  .venv/bin/horovodrun --check-build 2>/dev/null | grep -q '\[X\] TensorFlow' \
+    || { log "Horovod was built without TensorFlow"; exit 1; }
+  touch "$stamp"
+fi
+
+
+# --- 3. JVM jars --------------------------------------------------------------
+jars="$cache/jars/$jvm_key"
+if [ ! -f "$jars/.complete" ]; then
+  step="resolve JVM jars from Maven Central (conf/jvm.txt)"
+  log "resolving JVM jars into $jars"
+  rm -rf "$jars"
+  for group in $(awk '!/^#/ && NF {print $1}' conf/jvm.txt | sort -u); do
+    work="$jars/.pom-$group"
+    mkdir -p "$work" "$jars/$group"
+    {
+      echo '<project xmlns="http://maven.apache.org/POM/4.0.0"><modelVersion>4.0.0</modelVersion>'
+      echo "<groupId>oncolake</groupId><artifactId>jars-$group</artifactId><version>1</version><dependencies>"
+      awk -v g="$group" '!/^#/ && $1 == g {print $2}' conf/jvm.txt | while IFS=: read -r gid aid ver cls; do
+        echo "<dependency><groupId>$gid</groupId><artifactId>$aid</artifactId><version>$ver</version>"
+        [ -n "${cls:-}" ] && echo "<classifier>$cls</classifier>"
+        echo "</dependency>"
+      done
+      echo '</dependencies></project>'
+    } > "$work/pom.xml"
+    mvn -q -B -f "$work/pom.xml" dependency:copy-dependencies \
+        -DincludeScope=runtime -DoutputDirectory="$jars/$group" \
+        -Dmaven.repo.local="$cache/m2"
+    rm -rf "$work"
+  done
+  touch "$jars/.complete"
+fi
+mkdir -p .cache
+ln -sfn "$jars" .cache/jars
+
+log "ready: .venv ($py_key), jars at .cache/jars -> $jars"

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Run one oncolake job with spark-submit.
+#
+#   scripts/submit.sh JOB [--master URL] [--env ENV] [--set KEY=VALUE ...] [JOB ARGS...]
+#
+# Ships lib/oncolake as a zip (--py-files), the cached Delta jars (--jars) and
+# the configured Spark conf; master is local[*] unless --master or the
+# configuration (conf/<env>.yaml, ONCOLAKE_SPARK_MASTER) says otherwise.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [ ! -x "$root/.venv/bin/spark-submit" ]; then
+  echo "submit.sh: no environment: run scripts/setup.sh first" >&2
+  exit 2
+fi
+export ONCOLAKE_ZIP="$("$root/scripts/package.sh")"
+export SPARK_LOCAL_IP="${SPARK_LOCAL_IP:-127.0.0.1}"
+export PYTHONPATH="$ONCOLAKE_ZIP"
+export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
+exec "$root/.venv/bin/python" -m oncolake.submit "$@"

@@ -1,0 +1,65 @@
+"""config: layers, types, unknown keys."""
+import pytest
+
+from oncolake import config
+from oncolake.errors import ConfigError
+
+
+def write(folder, name, text):
+    (folder / f"{name}.yaml").write_text(text)
+
+
+def test_layers_apply_in_order(tmp_path):
+    write(tmp_path, "base", "lake: base\ningest:\n  max_pixels: 10\n  min_side: 2\n")
+    write(tmp_path, "dev", "lake: dev\ningest:\n  max_pixels: 20\n")
+    cfg = config.load("dev", overrides=["ingest.max_pixels=30"], conf_dir=tmp_path,
+                      environ={"ONCOLAKE_LAKE": "hdfs://nn:9000/x"})
+    assert cfg.lake == "hdfs://nn:9000/x"
+    assert (cfg.ingest.max_pixels, cfg.ingest.min_side) == (30, 2)
+
+
+def test_environment_sets_only_listed_keys(tmp_path):
+    write(tmp_path, "base", "")
+    write(tmp_path, "x", "")
+    cfg = config.load("x", conf_dir=tmp_path, environ={"ONCOLAKE_INGEST_MAX_PIXELS": "1",
+                                                      "ONCOLAKE_SPARK_MASTER": "spark://h:7077"})
+    assert cfg.ingest.max_pixels == config.IngestConfig().max_pixels
+    assert cfg.spark.master == "spark://h:7077"
+
+
+def test_unknown_key_is_an_error(tmp_path):
+    write(tmp_path, "base", "ingest:\n  max_pixel: 10\n")
+    write(tmp_path, "x", "")
+    with pytest.raises(ConfigError, match="ingest.max_pixel"):
+        config.load("x", conf_dir=tmp_path)
+
+
+def test_wrong_type_and_missing_env_are_errors(tmp_path):
+    write(tmp_path, "base", "")
+    write(tmp_path, "x", "")
+    with pytest.raises(ConfigError, match="must be a number"):
+        config.load("x", overrides=["ingest.max_pixels=lots"], conf_dir=tmp_path)
+    with pytest.raises(ConfigError, match="no configuration for env"):
+        config.load("nowhere", conf_dir=tmp_path)
+    with pytest.raises(ConfigError, match="key=value"):
+        config.load("x", overrides=["lake"], conf_dir=tmp_path)
+
+
+def test_spark_conf_keys_keep_their_dots(tmp_path):
+    write(tmp_path, "base", "")
+    write(tmp_path, "x", "")
+    cfg = config.load("x", overrides=["spark.conf.spark.executor.memory=1g"], conf_dir=tmp_path)
+    assert cfg.spark.conf["spark.executor.memory"] == "1g"
+
+
+def test_repository_configuration_loads_for_every_env():
+    for env in ("local", "cluster"):
+        cfg = config.load(env)
+        assert cfg.preprocess.size == 128
+    assert config.load("cluster").lake.startswith("hdfs://")
+
+
+def test_describe_hides_secrets():
+    described = config.describe(config.load("local", overrides=["mlflow.tracking_uri=http://u:pw@h:5000"]))
+    assert described["ingest"]["extensions"][0] == ".jpg"
+    assert described["mlflow"]["tracking_uri"] == "http://***@h:5000"

@@ -1,0 +1,130 @@
+"""imaging: one synthetic image per case, expectations computed independently."""
+import struct
+import zlib
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from oncolake import imaging
+
+LIMITS = {"max_pixels": 10_000_000, "min_side": 8}
+
+
+def encode(array: np.ndarray, ext: str) -> bytes:
+    ok, buf = cv2.imencode(ext, array)
+    assert ok
+    return buf.tobytes()
+
+
+def rgb_image(h=48, w=64, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def png_with_header(width: int, height: int) -> bytes:
+    """A PNG whose IHDR claims width x height; its CRCs are valid, its data tiny."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+            + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("ext,fmt", [(".jpg", "jpeg"), (".png", "png"), (".bmp", "bmp"), (".tif", "tiff")])
+def test_valid_rgb_in_each_format(ext, fmt):
+    result = imaging.inspect(encode(rgb_image(), ext), **LIMITS)
+    assert result.ok, result
+    assert (result.format, result.width, result.height, result.channels) == (fmt, 64, 48, 3)
+
+
+def test_grayscale_rgba_and_16_bit_png_are_valid_with_their_channels():
+    gray = imaging.inspect(encode(rgb_image()[..., 0], ".png"), **LIMITS)
+    rgba = imaging.inspect(encode(np.dstack([rgb_image(), rgb_image(seed=1)[..., :1]]), ".png"), **LIMITS)
+    deep = imaging.inspect(encode(rgb_image().astype(np.uint16) * 257, ".png"), **LIMITS)
+    assert (gray.ok, gray.channels, gray.bit_depth) == (True, 1, 8)
+    assert (rgba.ok, rgba.channels) == (True, 4)
+    assert (deep.ok, deep.channels, deep.bit_depth) == (True, 3, 16)
+
+
+def test_cmyk_jpeg_is_valid_with_four_channels(tmp_path):
+    Image.new("CMYK", (40, 30), (10, 200, 30, 0)).save(tmp_path / "c.jpg")
+    result = imaging.inspect((tmp_path / "c.jpg").read_bytes(), **LIMITS)
+    assert (result.ok, result.format, result.channels, result.width) == (True, "jpeg", 4, 40)
+    assert imaging.decode_rgb((tmp_path / "c.jpg").read_bytes()).shape == (30, 40, 3)
+
+
+@pytest.mark.parametrize("ext", [".jpg", ".png", ".bmp", ".tif"])
+def test_truncated_files_are_caught(ext):
+    data = encode(rgb_image(), ext)
+    result = imaging.inspect(data[: len(data) // 2], **LIMITS)
+    assert (result.ok, result.reason) == (False, "truncated"), result
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.8, 0.99])
+def test_truncated_jpeg_is_caught_from_its_structure_not_the_decoder(fraction):
+    # Some OpenCV/libjpeg builds fill a truncated JPEG with grey and only warn;
+    # the verdict must not depend on which one is installed.
+    data = encode(rgb_image(256, 256), ".jpg")
+    cut = data[: int(len(data) * fraction)]
+    assert imaging.read_header(data).width == 256
+    with pytest.raises(imaging.ImageError, match="end-of-image"):
+        imaging.read_header(cut)
+    assert imaging.inspect(cut, **LIMITS).reason == "truncated"
+
+
+def test_decompression_bomb_is_refused_from_the_header_without_decoding():
+    result = imaging.inspect(png_with_header(100_000, 100_000), **LIMITS)
+    assert (result.ok, result.reason) == (False, "too_large")
+    assert "100000x100000" in result.detail
+
+
+def test_empty_text_random_and_unsupported():
+    assert imaging.inspect(b"", **LIMITS).reason == "empty"
+    assert imaging.inspect(b"path,label\nx.png,benign\n", **LIMITS).reason == "unsupported_format"
+    assert imaging.inspect(np.random.default_rng(3).bytes(4000), **LIMITS).reason == "corrupt"
+    assert imaging.inspect(b"GIF89a" + b"\x00" * 100, **LIMITS).reason == "unsupported_format"
+
+
+def test_corrupted_png_byte_fails_crc():
+    data = bytearray(encode(rgb_image(), ".png"))
+    data[60] ^= 0xFF
+    assert imaging.inspect(bytes(data), **LIMITS).reason == "corrupt"
+
+
+def test_too_small():
+    assert imaging.inspect(encode(rgb_image(4, 4), ".png"), **LIMITS).reason == "too_small"
+
+
+@pytest.mark.parametrize("policy", imaging.RESIZE_POLICIES)
+def test_prepare_shape_and_type(policy):
+    out = imaging.prepare(encode(rgb_image(30, 90), ".png"), 32, policy)
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+
+
+def test_prepare_is_rgb_and_matches_an_independent_resize():
+    image = rgb_image(64, 64)
+    expected = cv2.resize(image, (32, 32), interpolation=cv2.INTER_AREA)[..., ::-1]  # BGR in, RGB out
+    np.testing.assert_array_equal(imaging.prepare(encode(image, ".png"), 32, "stretch"), expected)
+
+
+def test_crop_keeps_the_centre_and_pad_adds_black_bars():
+    image = np.zeros((20, 60, 3), np.uint8)
+    image[:, 20:40] = 255  # a white centre square between black sides
+    cropped = imaging.resize(image, 20, "crop")
+    padded = imaging.resize(image, 60, "pad")
+    assert cropped.min() == 255
+    assert padded[:20].max() == 0 and padded[-20:].max() == 0 and padded[30, 30].min() == 255
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    wide = np.zeros((20, 40, 3), np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    Image.fromarray(wide).save(tmp_path / "o.jpg", exif=exif)
+    assert imaging.decode_rgb((tmp_path / "o.jpg").read_bytes()).shape == (40, 20, 3)
+
+
+def test_bad_policy_is_a_value_error():
+    with pytest.raises(ValueError, match="resize policy"):
+        imaging.resize(rgb_image(), 8, "squash")

@@ -1,0 +1,235 @@
+"""The ingest job against real Spark and Delta: real data, bad data, idempotence."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from jobs import ingest as ingest_job
+from tests.conftest import last_json, shared_dataset
+from tests.test_imaging import encode, png_with_header, rgb_image
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
+
+
+def run(capsys, *args: str) -> tuple[int, dict | None, str]:
+    code = ingest_job.main(list(args))
+    captured = capsys.readouterr()
+    return code, (last_json(captured.out) if code == 0 else None), captured.err
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def unreadable_file(target: Path) -> bool:
+    """Make ``target`` a file that exists and has bytes but cannot be read.
+
+    As a normal user, permissions do it. Root reads through permissions, but
+    not a write-only sysfs attribute, so link to one of those.
+    """
+    if os.geteuid() != 0:
+        target.write_bytes(b"\xff\xd8\xff" + b"\x00" * 100)
+        target.chmod(0)
+        return True
+    for candidate in sorted(Path("/sys/devices").glob("**/rescan"))[:20]:
+        try:
+            candidate.read_bytes()
+        except PermissionError:
+            target.symlink_to(candidate)
+            return True
+        except OSError:
+            continue
+    return False
+
+
+@pytest.mark.realdata
+def test_real_folder_ingests_every_image_once_with_its_label(spark, lake, capsys):
+    data = shared_dataset("isic_uda1")
+    args = ["--lake", lake, "--dataset", "isic_uda1", "--input", str(data),
+            "--labels", str(data / "labels.csv"), "--ingest-date", "2026-01-05"]
+    code, summary, err = run(capsys, *args)
+    assert code == 0, err
+
+    files = [p for p in data.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS]
+    by_id = {}
+    for path in sorted(files):
+        by_id.setdefault(sha(path.read_bytes()), path)
+    assert (len(files), len(by_id)) == (557, 555)
+    assert summary["files_seen"] == sum(1 for p in data.rglob("*") if p.is_file())
+    assert summary["ingested"] == 555 and summary["duplicates"] == 2
+    assert summary["quarantined"] == 0 and summary["labels_without_file"] == 0
+    assert summary["skipped"] == summary["files_seen"] - 557
+
+    with open(data / "labels.csv", newline="") as handle:
+        expected_label = {row["path"]: row["label"] for row in csv.DictReader(handle)}
+    table = spark.read.format("delta").load(summary["table"])
+    rows = table.select("image_id", "relative_path", "label", "size_bytes", "channels").collect()
+    assert len(rows) == 555
+    assert {r.image_id for r in rows} == set(by_id)
+    for r in rows:
+        assert r.label == expected_label[r.relative_path]
+        assert r.size_bytes == (data / r.relative_path).stat().st_size
+    sample = table.filter(table.image_id == rows[0].image_id).select("content").first()[0]
+    assert sha(bytes(sample)) == rows[0].image_id
+
+    code, again, err = run(capsys, *args[:-1], "2026-01-06")
+    assert code == 0, err
+    assert again["ingested"] == 0 and again["already_present"] == 555
+    assert again["table_version"] == summary["table_version"]
+    assert spark.read.format("delta").load(summary["table"]).count() == 555
+
+
+@pytest.fixture()
+def bad_folder(tmp_path) -> tuple[Path, dict[str, str], set[str]]:
+    """Every kind of bad and awkward input; returns (folder, expected reasons, good names)."""
+    folder = tmp_path / "incoming"
+    (folder / "nested" / "deeper").mkdir(parents=True)
+    good = encode(rgb_image(40, 50, seed=1), ".png")
+    jpeg = encode(rgb_image(60, 60, seed=2), ".jpg")
+    png = encode(rgb_image(60, 60, seed=3), ".png")
+    files = {
+        "good.png": good,
+        "copy of good.png": good,
+        "lésion (1) été.png": encode(rgb_image(30, 30, seed=4), ".png"),
+        "nested/deeper/Upper.JPG": encode(rgb_image(32, 33, seed=5), ".jpg"),
+        "gray.jpg": encode(rgb_image(40, 40, seed=6)[..., 0], ".jpg"),
+        "rgba.png": encode(np.dstack([rgb_image(20, 20, seed=7), rgb_image(20, 20, seed=8)[..., :1]]), ".png"),
+        "deep16.png": encode(rgb_image(20, 20, seed=9).astype(np.uint16) * 257, ".png"),
+        "empty.jpg": b"",
+        "truncated.jpg": jpeg[: len(jpeg) // 2],
+        "truncated.png": png[: len(png) // 2],
+        "random.jpg": np.random.default_rng(11).bytes(3000),
+        "text.png": b"this is not an image\n" * 20,
+        "bomb.png": png_with_header(100_000, 100_000),
+        "tiny.png": encode(rgb_image(4, 4), ".png"),
+        "huge.bmp": encode(rgb_image(400, 400, seed=12), ".bmp"),
+        "readme.txt": b"notes\n",
+    }
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    Image.new("CMYK", (24, 24), (0, 120, 200, 10)).save(folder / "cmyk.jpg")
+    reasons = {"empty.jpg": "empty", "truncated.jpg": "truncated", "truncated.png": "truncated",
+               "random.jpg": "corrupt", "text.png": "unsupported_format", "bomb.png": "too_large",
+               "tiny.png": "too_small", "huge.bmp": "too_large"}
+    if unreadable_file(folder / "unreadable.jpg"):
+        reasons["unreadable.jpg"] = "unreadable"
+    good_names = {"good.png", "lésion (1) été.png", "nested/deeper/Upper.JPG", "gray.jpg", "rgba.png",
+                  "deep16.png", "cmyk.jpg"}
+    with open(folder / "labels.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "patient_id", "site"])
+        writer.writerow(["lésion (1) été.png", "malignant", "p1", "back, upper"])
+        writer.writerow(["good.png", "benign", "p2", "arm"])
+        writer.writerow(["gone.png", "benign", "p3", "leg"])
+    return folder, reasons, good_names
+
+
+def test_bad_files_land_in_quarantine_and_no_good_image_is_lost(spark, lake, capsys, bad_folder):
+    folder, reasons, good_names = bad_folder
+    args = ["--lake", lake, "--dataset", "synthetic", "--input", str(folder),
+            "--labels", str(folder / "labels.csv"), "--set", "ingest.max_file_bytes=200000"]
+    code, summary, err = run(capsys, *args)
+    assert code == 0, err
+    assert summary["quarantined"] == len(reasons)
+    assert summary["ingested"] == len(good_names) and summary["duplicates"] == 1
+    assert summary["skipped"] == 2  # readme.txt and labels.csv
+    assert summary["labels_without_file"] == 1
+
+    images = {r.relative_path: r for r in spark.read.format("delta").load(summary["table"]).collect()}
+    assert set(images) == good_names
+    assert images["gray.jpg"].channels == 1
+    assert images["rgba.png"].channels == 4
+    assert (images["deep16.png"].channels, images["deep16.png"].bit_depth) == (3, 16)
+    assert (images["cmyk.jpg"].format, images["cmyk.jpg"].channels) == ("jpeg", 4)
+    assert images["lésion (1) été.png"].label == "malignant"
+    assert images["lésion (1) été.png"].group_id == "p1"
+    assert images["lésion (1) été.png"].attributes == {"site": "back, upper"}
+    assert images["gray.jpg"].label is None  # no CSV row: ingested unlabelled
+    for name, row in images.items():
+        assert bytes(row.content) == (folder / name).read_bytes()
+
+    quarantine = spark.read.format("delta").load(summary["quarantine_table"]).collect()
+    assert {r.relative_path: r.reason for r in quarantine} == reasons
+    assert all(r.detail for r in quarantine)
+
+    code, again, err = run(capsys, *args)
+    assert code == 0, err
+    assert (again["ingested"], again["quarantine_added"]) == (0, 0)
+    assert again["table_version"] == summary["table_version"]
+    assert spark.read.format("delta").load(summary["quarantine_table"]).count() == len(reasons)
+
+
+def test_corrected_label_updates_the_row_and_new_images_append(spark, lake, capsys, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"img{i}.png").write_bytes(encode(rgb_image(20, 20, seed=20 + i), ".png"))
+    labels = folder / "labels.csv"
+    labels.write_text("path,label,lesion_id\nimg0.png,benign,L0\nimg1.png,benign,L1\nimg2.png,malignant,L1\n")
+    args = ["--lake", lake, "--dataset", "derm", "--input", str(folder), "--labels", str(labels)]
+    code, first, err = run(capsys, *args, "--ingest-date", "2026-02-01")
+    assert code == 0 and first["ingested"] == 3, err
+
+    labels.write_text("path,label,lesion_id\nimg0.png,malignant,L0\nimg1.png,benign,L1\nimg2.png,malignant,L1\n")
+    (folder / "img3.png").write_bytes(encode(rgb_image(20, 20, seed=30), ".png"))
+    code, second, err = run(capsys, *args, "--ingest-date", "2026-02-02")
+    assert code == 0, err
+    assert (second["ingested"], second["labels_updated"], second["already_present"]) == (1, 1, 3)
+    table = spark.read.format("delta").load(second["table"])
+    rows = {r.relative_path: (r.label, str(r.ingest_date), r.group_id) for r in table.collect()}
+    assert rows == {"img0.png": ("malignant", "2026-02-01", "L0"), "img1.png": ("benign", "2026-02-01", "L1"),
+                    "img2.png": ("malignant", "2026-02-01", "L1"), "img3.png": (None, "2026-02-02", None)}
+    partitions = {r.ingest_date.isoformat() for r in table.select("ingest_date").distinct().collect()}
+    assert partitions == {"2026-02-01", "2026-02-02"}
+
+
+@pytest.mark.parametrize("case,expected_code,message", [
+    ("missing_input", 1, "does not exist"),
+    ("missing_csv", 1, "labels CSV"),
+    ("csv_without_label", 1, "no label column"),
+    ("bad_date", 2, "YYYY-MM-DD"),
+])
+def test_failures_exit_non_zero_with_one_clear_line(spark, lake, capsys, tmp_path, case, expected_code,
+                                                    message):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(encode(rgb_image(20, 20), ".png"))
+    (folder / "nolabel.csv").write_text("path,diagnosis\na.png,benign\n")
+    args = {"missing_input": ["--input", str(tmp_path / "nope")],
+            "missing_csv": ["--input", str(folder), "--labels", str(tmp_path / "nope.csv")],
+            "csv_without_label": ["--input", str(folder), "--labels", str(folder / "nolabel.csv")],
+            "bad_date": ["--input", str(folder), "--ingest-date", "05/01/2026"]}[case]
+    code, _, err = run(capsys, "--lake", lake, "--dataset", "d", *args)
+    assert code == expected_code
+    last = err.strip().splitlines()[-1]
+    assert "ingest failed:" in last and message in last
+    assert spark.getActiveSession() is not None  # a borrowed session is never stopped
+
+
+def test_busi_file_names_with_spaces_and_parentheses(spark, lake, capsys, tmp_path):
+    data = shared_dataset("busi")
+    subset = tmp_path / "busi"
+    with open(data / "labels.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))[:40:4]
+    for row in rows:
+        (subset / row["path"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(data / row["path"], subset / row["path"])
+    with open(subset / "labels.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    code, summary, err = run(capsys, "--lake", lake, "--dataset", "busi", "--input", str(subset),
+                             "--labels", str(subset / "labels.csv"))
+    assert code == 0, err
+    assert any(" " in r["path"] and "(" in r["path"] for r in rows)
+    table = spark.read.format("delta").load(summary["table"])
+    assert {r.relative_path: r.label for r in table.collect()} == {r["path"]: r["label"] for r in rows}
+    assert summary["labels_without_file"] == 0
