@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
+import urllib.parse
 from functools import partial
 from typing import Any, Iterator
 
@@ -113,19 +114,27 @@ def _parse_date(value: str | None) -> dt.date:
 
 
 def _list_files(spark: SparkSession, root: str) -> DataFrame:
-    """Every file under ``root`` with its size; no content is read (column pruning)."""
-    listing = (spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(root)
-               .select("path", "length"))
-    # Spark renders paths as URIs (a space is %20); relative_path is the plain name.
-    prefix_len = len(_uri_prefix(spark, root)) + 1
-    return listing.withColumn(
-        "relative_path", F.expr(f"url_decode(substring(path, {prefix_len + 1}))"))
+    """Every file under ``root`` with its size; no content is read (column pruning).
+
+    Spark's file scan leaves out zero-length files, so they are found by
+    comparing with the file index's own list and added back with length 0.
+    """
+    reader = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(root)
+    listing = reader.select("path", "length")
+    indexed = [_hadoop_path_string(uri) for uri in reader.inputFiles()]
+    if len(indexed) != listing.count():
+        everything = spark.createDataFrame([(p,) for p in indexed], "path string")
+        empty = everything.join(listing, "path", "left_anti").withColumn("length", F.lit(0).cast("long"))
+        listing = listing.unionByName(empty)
+    # binaryFile's path column is Hadoop's Path.toString(): the folder, a slash, the name.
+    return listing.withColumn("relative_path", F.expr(f"substring(path, {len(root) + 2})"))
 
 
-def _uri_prefix(spark: SparkSession, root: str) -> str:
-    """``root`` as binaryFile renders the folder part of its paths (``file:/a/b``)."""
-    jvm = spark.sparkContext._jvm
-    return str(jvm.org.apache.hadoop.fs.Path(root).toUri().toString()).rstrip("/")
+def _hadoop_path_string(uri: str) -> str:
+    """The inputFiles() URI (file:///a%20b) as binaryFile renders paths (file:/a b)."""
+    parts = urllib.parse.urlsplit(uri)
+    authority = f"//{parts.netloc}" if parts.netloc else ""
+    return f"{parts.scheme}:{authority}{urllib.parse.unquote(parts.path)}"
 
 
 def _read_labels(spark: SparkSession, uri: str, group_columns: tuple[str, ...]) -> DataFrame:
@@ -232,10 +241,12 @@ def _inspect_batches(batches: Iterator[pd.DataFrame], max_pixels: int,
 
 def _bronze_rows(inspected: DataFrame, files: DataFrame, dataset: str, now: dt.datetime,
                  day: dt.date) -> DataFrame:
-    """One row per distinct good image; of identical files the first path wins."""
+    """One row per distinct good image; of identical files a labelled one wins, then the first path."""
     meta = files.select("path", "relative_path", "length", "label", "group_id", "attributes")
     good = inspected.filter(F.col("reason").isNull()).join(meta, "path")
-    canonical = good.groupBy("image_id").agg(F.min("path").alias("path"))
+    canonical = (good.groupBy("image_id")
+                 .agg(F.min(F.struct(F.col("label").isNull().alias("unlabelled"), "path")).alias("first"))
+                 .select("image_id", "first.path"))
     return good.join(canonical, ["image_id", "path"]).select(
         "image_id", F.lit(dataset).alias("dataset"), "path", "relative_path", "label", "group_id",
         F.coalesce("attributes", F.create_map().cast("map<string,string>")).alias("attributes"),
