@@ -14,6 +14,7 @@ if [ ! -x "$root/.venv/bin/spark-submit" ]; then
 fi
 export ONCOLAKE_ZIP="$("$root/scripts/package.sh")"
 export SPARK_LOCAL_IP="${SPARK_LOCAL_IP:-127.0.0.1}"
-export PYTHONPATH="$ONCOLAKE_ZIP"
+# The launcher itself runs from lib/; the job runs from the zip it ships.
+export PYTHONPATH="$root/lib"
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 exec "$root/.venv/bin/python" -m oncolake.submit "$@"

@@ -22,7 +22,7 @@ def parser(job: str, doc: str | None) -> argparse.ArgumentParser:
     p.add_argument("--env", default="local", help="configuration layer conf/<env>.yaml (default: local)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one configuration key, e.g. --set ingest.max_pixels=1e8")
-    p.add_argument("--conf-dir", help=argparse.SUPPRESS)
+    p.add_argument("--conf-dir", help="folder of base.yaml and <env>.yaml (default: the repository's conf/)")
     return p
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
+import time
 import urllib.parse
+from contextlib import contextmanager
 from functools import partial
 from typing import Any, Iterator
 
@@ -26,7 +28,15 @@ from oncolake.errors import ConfigError, DataQualityError, InputError
 
 log = logging.getLogger(__name__)
 
-_INSPECTED = schema.INSPECTION.add("content", "binary", True)
+#: Up to this many files, file metadata is broadcast to the image bytes instead of shuffling them.
+BROADCAST_FILES = 500_000
+
+
+@contextmanager
+def _step(name: str):
+    start = time.perf_counter()
+    yield
+    log.info("ingest step %s took %.2f s", name, time.perf_counter() - start)
 
 
 def run(spark: SparkSession, cfg: Config, dataset: str, source: str,
@@ -48,35 +58,53 @@ def run(spark: SparkSession, cfg: Config, dataset: str, source: str,
     log.info("ingest dataset=%s input=%s labels=%s ingest_date=%s table=%s",
              dataset, root, labels, day, bronze_uri)
 
-    listing = _list_files(spark, root)
-    label_rows = _read_labels(spark, labels, icfg.group_columns) if labels else None
-    files = _classify(listing, label_rows, icfg.extensions, icfg.max_file_bytes)
-    files.persist(StorageLevel.MEMORY_AND_DISK)
-    inspected = None
+    with _step("list"):
+        listing = _list_files(spark, root)
+        label_rows = _read_labels(spark, labels, icfg.group_columns) if labels else None
+        files = _classify(listing, label_rows, icfg.extensions, icfg.max_file_bytes)
+        files.persist(StorageLevel.MEMORY_AND_DISK)
+    inspected = bad = chosen = None
     try:
-        stats = {r["status"]: r["count"] for r in files.groupBy("status").count().collect()}
-        odd_paths = [r["path"] for r in files.filter("status = 'read' AND NOT has_image_ext").collect()]
-        content = _read_content(spark, root, icfg.extensions, icfg.max_file_bytes, odd_paths)
-        inspected = content.mapInPandas(
-            partial(_inspect_batches, max_pixels=icfg.max_pixels, min_side=icfg.min_side), _INSPECTED)
-        # Decoding is the expensive step: do it once, keep the result on local disk.
-        inspected.persist(StorageLevel.DISK_ONLY)
-        inspected.count()
+        with _step("classify"):
+            stats, odd = {}, 0
+            for r in files.groupBy("status", "has_image_ext").count().collect():
+                stats[r["status"]] = stats.get(r["status"], 0) + r["count"]
+                odd += r["count"] if r["status"] == "read" and not r["has_image_ext"] else 0
+            odd_paths = ([r["path"] for r in files.filter("status = 'read' AND NOT has_image_ext").collect()]
+                         if odd else [])
+        with _step("read and validate"):
+            content = _read_content(spark, root, icfg.extensions, icfg.max_file_bytes, odd_paths)
+            # Decoding is the expensive step: once, keeping only the (small) verdicts.
+            inspected = content.mapInPandas(
+                partial(_inspect_batches, max_pixels=icfg.max_pixels, min_side=icfg.min_side),
+                schema.INSPECTION).persist(StorageLevel.MEMORY_AND_DISK)
+            inspected.count()
 
-        good = _bronze_rows(inspected, files, dataset, now, day)
-        bad = _quarantine_rows(inspected, files, dataset, now, day)
-        bronze = lake.ensure_delta_table(spark, bronze_uri, schema.BRONZE_IMAGES,
-                                         schema.BRONZE_IMAGES_PARTITIONS)
-        merged = _merge_images(spark, bronze, good, dataset, bronze_uri)
-        lake.ensure_delta_table(spark, quarantine_uri, schema.BRONZE_QUARANTINE,
-                                schema.BRONZE_QUARANTINE_PARTITIONS)
-        quarantine_added = _merge_quarantine(spark, quarantine_uri, bad, dataset)
+        # Broadcast file metadata to the image bytes unless the listing is huge.
+        chosen = _chosen_images(inspected, files).persist(StorageLevel.MEMORY_AND_DISK)
+        hint = F.broadcast if sum(stats.values()) <= BROADCAST_FILES else (lambda frame: frame)
+        # The bytes are read again by the JVM alone (no Python, no decoding) and
+        # must still hash to what was validated; a file changed in between waits
+        # for the next run.
+        good = (content.join(hint(chosen), "path")
+                .filter(F.sha2("content", 256) == F.col("image_id"))
+                .select(*_bronze_columns(dataset, now, day)))
+        bad = _quarantine_rows(inspected, files, dataset, now, day).persist(StorageLevel.MEMORY_AND_DISK)
+        with _step("merge images"):
+            bronze = lake.ensure_delta_table(spark, bronze_uri, schema.BRONZE_IMAGES,
+                                             schema.BRONZE_IMAGES_PARTITIONS)
+            merged = _merge_images(bronze, chosen, good, dataset, bronze_uri)
+        with _step("merge quarantine"):
+            lake.ensure_delta_table(spark, quarantine_uri, schema.BRONZE_QUARANTINE,
+                                    schema.BRONZE_QUARANTINE_PARTITIONS)
+            reasons = {r["reason"]: r["count"] for r in bad.groupBy("reason").count().collect()}
+            quarantine_added = _merge_quarantine(spark, quarantine_uri, bad, dataset) if reasons else 0
 
-        valid = inspected.filter(F.col("reason").isNull()).count()
-        reasons = {r["reason"]: r["count"] for r in bad.groupBy("reason").count().collect()}
-        labels_without_file = 0
-        if label_rows is not None:
-            labels_without_file = label_rows.join(listing, "relative_path", "left_anti").count()
+        with _step("count"):
+            valid = inspected.filter(F.col("reason").isNull()).count()
+            labels_without_file = 0
+            if label_rows is not None:
+                labels_without_file = label_rows.join(files, "relative_path", "left_anti").count()
         return {
             "job": "ingest",
             "dataset": dataset,
@@ -99,9 +127,9 @@ def run(spark: SparkSession, cfg: Config, dataset: str, source: str,
             "quarantine_table": quarantine_uri,
         }
     finally:
-        files.unpersist()
-        if inspected is not None:
-            inspected.unpersist()
+        for frame in (files, inspected, bad, chosen):
+            if frame is not None:
+                frame.unpersist()
 
 
 def _parse_date(value: str | None) -> dt.date:
@@ -116,16 +144,15 @@ def _parse_date(value: str | None) -> dt.date:
 def _list_files(spark: SparkSession, root: str) -> DataFrame:
     """Every file under ``root`` with its size; no content is read (column pruning).
 
-    Spark's file scan leaves out zero-length files, so they are found by
-    comparing with the file index's own list and added back with length 0.
+    Spark's file scan leaves out zero-length files, so the file index's own
+    list of paths is the truth, and the scan's lengths are joined to it.
     """
     reader = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(root)
-    listing = reader.select("path", "length")
-    indexed = [_hadoop_path_string(uri) for uri in reader.inputFiles()]
-    if len(indexed) != listing.count():
-        everything = spark.createDataFrame([(p,) for p in indexed], "path string")
-        empty = everything.join(listing, "path", "left_anti").withColumn("length", F.lit(0).cast("long"))
-        listing = listing.unionByName(empty)
+    indexed = spark.createDataFrame([(_hadoop_path_string(uri),) for uri in reader.inputFiles()],
+                                    "path string")
+    sizes = reader.select("path", "length")
+    listing = indexed.join(sizes, "path", "left").select(
+        "path", F.coalesce("length", F.lit(0).cast("long")).alias("length"))
     # binaryFile's path column is Hadoop's Path.toString(): the folder, a slash, the name.
     return listing.withColumn("relative_path", F.expr(f"substring(path, {len(root) + 2})"))
 
@@ -218,7 +245,7 @@ def _glob(extensions: tuple[str, ...]) -> str:
 
 def _inspect_batches(batches: Iterator[pd.DataFrame], max_pixels: int,
                      min_side: int) -> Iterator[pd.DataFrame]:
-    """Executor side: hash and fully validate each file; content kept for good ones only."""
+    """Executor side: hash and fully validate each file; only the verdicts come back."""
     import cv2
     cv2.setNumThreads(1)  # one task, one core
     for batch in batches:
@@ -231,30 +258,32 @@ def _inspect_batches(batches: Iterator[pd.DataFrame], max_pixels: int,
                 "format": result.format, "width": result.width, "height": result.height,
                 "channels": result.channels, "bit_depth": result.bit_depth,
                 "reason": result.reason, "detail": result.detail,
-                "content": data if result.ok else None,
             })
-        out = pd.DataFrame(rows, columns=[f.name for f in _INSPECTED.fields])
+        out = pd.DataFrame(rows, columns=schema.INSPECTION.fieldNames())
         for column in ("width", "height", "channels", "bit_depth"):
             out[column] = out[column].astype("Int32")
         yield out
 
 
-def _bronze_rows(inspected: DataFrame, files: DataFrame, dataset: str, now: dt.datetime,
-                 day: dt.date) -> DataFrame:
-    """One row per distinct good image; of identical files a labelled one wins, then the first path."""
+def _chosen_images(inspected: DataFrame, files: DataFrame) -> DataFrame:
+    """Metadata of one file per distinct good image: a labelled copy first, then the first path."""
     meta = files.select("path", "relative_path", "length", "label", "group_id", "attributes")
-    good = inspected.filter(F.col("reason").isNull()).join(meta, "path")
-    canonical = (good.groupBy("image_id")
-                 .agg(F.min(F.struct(F.col("label").isNull().alias("unlabelled"), "path")).alias("first"))
-                 .select("image_id", "first.path"))
-    return good.join(canonical, ["image_id", "path"]).select(
-        "image_id", F.lit(dataset).alias("dataset"), "path", "relative_path", "label", "group_id",
-        F.coalesce("attributes", F.create_map().cast("map<string,string>")).alias("attributes"),
-        "format", "width", "height", "channels", "bit_depth",
-        F.col("length").alias("size_bytes"), "content",
-        F.lit(now).cast("timestamp").alias("ingested_at"),
-        F.lit(now).cast("timestamp").alias("updated_at"),
-        F.lit(day).cast("date").alias("ingest_date"))
+    good = inspected.filter(F.col("reason").isNull()).drop("reason", "detail").join(meta, "path")
+    first = (good.groupBy("image_id")
+             .agg(F.min(F.struct(F.col("label").isNull().alias("unlabelled"), "path")).alias("first"))
+             .select("first.path"))
+    return good.join(first, "path", "left_semi")
+
+
+def _bronze_columns(dataset: str, now: dt.datetime, day: dt.date) -> list:
+    """The bronze.images columns from chosen metadata joined to the file's bytes."""
+    return ["image_id", F.lit(dataset).alias("dataset"), "path", "relative_path", "label", "group_id",
+            F.coalesce("attributes", F.create_map().cast("map<string,string>")).alias("attributes"),
+            "format", "width", "height", "channels", "bit_depth",
+            F.col("length").alias("size_bytes"), "content",
+            F.lit(now).cast("timestamp").alias("ingested_at"),
+            F.lit(now).cast("timestamp").alias("updated_at"),
+            F.lit(day).cast("date").alias("ingest_date")]
 
 
 def _quarantine_rows(inspected: DataFrame, files: DataFrame, dataset: str, now: dt.datetime,
@@ -280,43 +309,50 @@ def _quarantine_rows(inspected: DataFrame, files: DataFrame, dataset: str, now: 
         F.lit(day).cast("date").alias("ingest_date"))
 
 
-def _merge_images(spark: SparkSession, bronze, rows: DataFrame, dataset: str,
-                  uri: str) -> dict[str, int]:
-    """MERGE new images in and corrected labels over; commit only if something changed."""
-    rows = rows.persist(StorageLevel.DISK_ONLY)
-    try:
-        distinct = rows.count()
-        target = (bronze.toDF().filter(F.col("dataset") == dataset)
-                  .select("image_id", F.col("label").alias("t_label"), F.col("group_id").alias("t_group"),
-                          F.to_json("attributes").alias("t_attrs")))
-        keyed = rows.select("image_id", "label", "group_id", F.to_json("attributes").alias("attrs"))
-        present = keyed.join(target, "image_id")
-        changed = present.filter(~(F.col("label").eqNullSafe(F.col("t_label"))
-                                   & F.col("group_id").eqNullSafe(F.col("t_group"))
-                                   & F.col("attrs").eqNullSafe(F.col("t_attrs"))))
-        already, n_changed = present.count(), changed.count()
-        inserted = updated = 0
-        if distinct - already or n_changed:
-            differs = ("NOT (t.label <=> s.label AND t.group_id <=> s.group_id "
-                       "AND to_json(t.attributes) <=> to_json(s.attributes))")
+def _merge_images(bronze, chosen: DataFrame, rows: DataFrame, dataset: str, uri: str) -> dict[str, int]:
+    """Insert new images, then correct changed labels; commit nothing when nothing changed.
 
-            def merge() -> None:
-                (bronze.alias("t").merge(
-                    rows.alias("s"),
-                    f"t.dataset = '{dataset}' AND t.dataset = s.dataset AND t.image_id = s.image_id")
-                 .whenMatchedUpdate(condition=differs, set={
-                     "label": "s.label", "group_id": "s.group_id", "attributes": "s.attributes",
-                     "updated_at": "s.updated_at"})
-                 .whenNotMatchedInsertAll()
-                 .execute())
-            lake.with_retry(merge, f"merge into {uri}")
-            metrics = bronze.history(1).select("operationMetrics").first()[0]
-            inserted = int(metrics.get("numTargetRowsInserted", 0))
-            updated = int(metrics.get("numTargetRowsUpdated", 0))
-        return {"inserted": inserted, "updated": updated, "already_present": already,
-                "distinct": distinct}
+    What is new or changed is worked out from the (small) metadata; new rows
+    go in with an insert-only MERGE (one anti-join pass in Delta, and safe
+    against a concurrent ingest of the same files); the update MERGE runs only
+    for the rows whose label, group or attributes changed.
+    """
+    target = (bronze.toDF().filter(F.col("dataset") == dataset)
+              .select("image_id", F.col("label").alias("t_label"), F.col("group_id").alias("t_group"),
+                      F.to_json("attributes").alias("t_attrs")))
+    keyed = chosen.select("image_id", "label", "group_id",
+                          F.to_json(F.coalesce("attributes", F.create_map().cast("map<string,string>")))
+                          .alias("attrs"))
+    same = (F.col("label").eqNullSafe(F.col("t_label")) & F.col("group_id").eqNullSafe(F.col("t_group"))
+            & F.col("attrs").eqNullSafe(F.col("t_attrs")))
+    flagged = keyed.join(target, "image_id", "left").select(
+        "image_id", F.col("t_attrs").isNotNull().alias("present"),
+        (F.col("t_attrs").isNotNull() & ~same).alias("changed")).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        tally = flagged.agg(F.count("*").alias("distinct"), F.sum(F.col("present").cast("int")).alias("present"),
+                            F.sum(F.col("changed").cast("int")).alias("changed")).first()
+        distinct, present, changed = tally["distinct"], tally["present"] or 0, tally["changed"] or 0
+        on = f"t.dataset = '{dataset}' AND t.dataset = s.dataset AND t.image_id = s.image_id"
+        inserted = updated = 0
+        if distinct - present:
+            lake.with_retry(lambda: bronze.alias("t").merge(rows.alias("s"), on)
+                            .whenNotMatchedInsertAll().execute(), f"insert into {uri}")
+            inserted = _merge_metric(bronze, "numTargetRowsInserted")
+        if changed:
+            fixes = rows.join(F.broadcast(flagged.filter("changed").select("image_id")), "image_id")
+            lake.with_retry(lambda: bronze.alias("t").merge(fixes.alias("s"), on).whenMatchedUpdate(set={
+                "label": "s.label", "group_id": "s.group_id", "attributes": "s.attributes",
+                "updated_at": "s.updated_at"}).execute(), f"update labels in {uri}")
+            updated = _merge_metric(bronze, "numTargetRowsUpdated")
+        return {"inserted": inserted, "updated": updated, "already_present": present, "distinct": distinct}
     finally:
-        rows.unpersist()
+        flagged.unpersist()
+
+
+def _merge_metric(table, name: str) -> int:
+    """A metric of the table's latest commit (this run's MERGE)."""
+    metrics = table.history(1).select("operationMetrics").first()[0]
+    return int(metrics.get(name, 0))
 
 
 def _merge_quarantine(spark: SparkSession, uri: str, rows: DataFrame, dataset: str) -> int:
@@ -331,5 +367,4 @@ def _merge_quarantine(spark: SparkSession, uri: str, rows: DataFrame, dataset: s
         return 0
     lake.with_retry(lambda: table.alias("t").merge(rows.alias("s"), f"t.dataset = '{dataset}' AND {key}")
                     .whenNotMatchedInsertAll().execute(), f"merge into {uri}")
-    metrics = table.history(1).select("operationMetrics").first()[0]
-    return int(metrics.get("numTargetRowsInserted", 0))
+    return _merge_metric(table, "numTargetRowsInserted")

@@ -1,6 +1,6 @@
 """Build and run the spark-submit command for one job (scripts/submit.sh).
 
-    python -m oncolake.submit JOB [--master URL] [--env ENV] [--set K=V ...] [JOB ARGS...]
+    python -m oncolake.submit JOB|SCRIPT.py [--master URL] [--env ENV] [--set K=V ...] [JOB ARGS...]
 
 Master, Spark conf and jars come from the resolved configuration and the
 jar cache; the package reaches executors only as the --py-files zip.
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def command(job: str, args: Sequence[str], zip_path: str, python: str,
             environ: dict[str, str]) -> list[str]:
     """The spark-submit argument list for ``job`` with its ``args``."""
-    script = ROOT / "jobs" / f"{job}.py"
+    script = Path(job).resolve() if job.endswith(".py") else ROOT / "jobs" / f"{job}.py"
     if not script.is_file():
         known = sorted(p.stem for p in (ROOT / "jobs").glob("*.py"))
         raise ConfigError(f"no job {job!r}; jobs: {', '.join(known)}")
@@ -44,10 +44,11 @@ def command(job: str, args: Sequence[str], zip_path: str, python: str,
            "--jars", ",".join(jars),
            "--py-files", zip_path,
            "--conf", f"spark.pyspark.python={python}",
-           "--conf", f"spark.pyspark.driver.python={python}"]
+           "--conf", f"spark.pyspark.driver.python={python}",
+           "--driver-java-options", f"-Dlog4j2.configurationFile=file:{ROOT / 'conf' / 'log4j2.properties'}"]
     for key, value in {**session.DELTA_CONF, **cfg.spark.conf}.items():
         cmd += ["--conf", f"{key}={value}"]
-    job_args = ["--env", known.env] + [a for s in known.set for a in ("--set", s)]
+    job_args = ["--env", known.env, "--conf-dir", str(ROOT / "conf")] + [a for s in known.set for a in ("--set", s)]
     if known.lake:
         job_args += ["--lake", known.lake]
     return cmd + [str(script)] + job_args + rest
@@ -64,9 +65,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         cmd = command(argv[0], argv[1:], os.environ["ONCOLAKE_ZIP"], sys.executable, dict(os.environ))
     except ConfigError as err:
         return cli.fail("submit", err)
+    import pyspark  # the installed Spark is the one spark-submit must use
+    env = dict(os.environ, SPARK_HOME=str(Path(pyspark.__file__).parent),
+               PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable)
     cli.log.info("running: %s", shlex.join(cmd))
     sys.stdout.flush()
-    os.execv(cmd[0], cmd)
+    os.execve(cmd[0], cmd, env)
     return 0  # not reached
 
 
