@@ -1,0 +1,226 @@
+"""The preprocess job: grouped stratified stable splits, balancing, Petastorm tensors."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from jobs import ingest as ingest_job
+from jobs import preprocess as preprocess_job
+from oncolake import lake as lakefs
+from oncolake import preprocess
+from tests.conftest import last_json, shared_dataset
+from tests.test_imaging import encode
+
+
+def run(job, capsys, *args):
+    code = job.main(list(args))
+    captured = capsys.readouterr()
+    return code, (last_json(captured.out) if code == 0 else None), captured.err
+
+
+def make_folder(folder: Path, groups: int, per_group: int, seed: int, start: int = 0,
+                malignant_every: int = 4) -> None:
+    """Synthetic labelled images: ``groups`` patients of ``per_group`` images, varied shapes."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    new = not (folder / "labels.csv").exists()
+    with open(folder / "labels.csv", "a", newline="") as handle:
+        writer = csv.writer(handle)
+        if new:
+            writer.writerow(["path", "label", "patient_id"])
+        for g in range(start, start + groups):
+            label = "malignant" if g % malignant_every == 0 else "benign"
+            for i in range(per_group):
+                h, w = int(rng.integers(24, 64)), int(rng.integers(24, 64))
+                name = f"p{g:03d}_{i}.png"
+                (folder / name).write_bytes(encode(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), ".png"))
+                writer.writerow([name, label, f"P{g:03d}"])
+
+
+def ingest(capsys, lake, folder, dataset, date="2026-03-01"):
+    code, summary, err = run(ingest_job, capsys, "--lake", lake, "--dataset", dataset, "--input", str(folder),
+                             "--labels", str(folder / "labels.csv"), "--ingest-date", date)
+    assert code == 0, err
+    return summary
+
+
+def splits_of(spark, lake, dataset, version):
+    rows = (spark.read.format("delta").load(lakefs.table_uri(lakefs.qualify(spark, lake), "silver.splits"))
+            .filter(f"dataset = '{dataset}' AND version = {version}").collect())
+    return {r.image_id: (r.group_key, r.split, r.label) for r in rows}
+
+
+def assert_grouped_and_stratified(assignments, tolerance=0.03):
+    by_group = {}
+    for group, split, _ in assignments.values():
+        by_group.setdefault(group, set()).add(split)
+    assert all(len(s) == 1 for s in by_group.values()), "a group spans two splits"
+    labels = [label for _, _, label in assignments.values()]
+    whole = sum(labels) / len(labels)
+    for name in preprocess.SPLITS:
+        part = [label for _, split, label in assignments.values() if split == name]
+        assert part, f"empty {name} split"
+        assert abs(sum(part) / len(part) - whole) <= tolerance, (name, sum(part) / len(part), whole)
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("name", ["busi", "isic_uda1"])
+def test_real_data_splits_are_grouped_stratified_and_repeatable(spark, tmp_path, capsys, name):
+    data = shared_dataset(name)
+    lake = str(tmp_path / "lake")
+    ingest(capsys, lake, data, name)
+    code, first, err = run(preprocess_job, capsys, "--lake", lake, "--dataset", name, "--size", "32")
+    assert code == 0, err
+    assert first["created"] and first["version"] == 1
+    assignments = splits_of(spark, lake, name, 1)
+    assert_grouped_and_stratified(assignments)
+    total = len(assignments)
+    for split, share in (("train", 0.70), ("val", 0.15), ("test", 0.15)):
+        assert abs(first[split] / total - share) < 0.02
+
+    code, again, err = run(preprocess_job, capsys, "--lake", lake, "--dataset", name, "--size", "32")
+    assert code == 0, err
+    assert (again["created"], again["version"]) == (False, 1)
+    assert preprocess.published_versions(spark, lakefs.qualify(spark, lake), name) == [1]
+
+
+def test_new_images_never_move_old_ones(spark, tmp_path, capsys):
+    folder, lake = tmp_path / "in", str(tmp_path / "lake")
+    make_folder(folder, groups=40, per_group=3, seed=1)
+    ingest(capsys, lake, folder, "syn")
+    code, first, err = run(preprocess_job, capsys, "--lake", lake, "--dataset", "syn", "--size", "16")
+    assert code == 0, err
+    before = splits_of(spark, lake, "syn", 1)
+    assert_grouped_and_stratified(before, tolerance=0.06)
+
+    make_folder(folder, groups=20, per_group=3, seed=2, start=40)      # new patients
+    make_folder(folder, groups=5, per_group=1, seed=3, start=0)        # new images of old patients
+    ingest(capsys, lake, folder, "syn", date="2026-03-02")
+    code, second, err = run(preprocess_job, capsys, "--lake", lake, "--dataset", "syn", "--size", "16")
+    assert code == 0, err
+    assert (second["created"], second["version"]) == (True, 2)
+    after = splits_of(spark, lake, "syn", 2)
+    assert len(after) == len(before) + 65
+    assert all(after[image][1] == split for image, (_, split, _) in before.items())
+    assert_grouped_and_stratified(after, tolerance=0.06)
+
+
+def independent_tensor(data: bytes, size: int, policy: str) -> np.ndarray:
+    """What the tensor should be, computed here with OpenCV directly."""
+    image = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    h, w = image.shape[:2]
+    if policy == "crop":
+        side = min(h, w)
+        image = image[(h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
+    elif policy == "pad":
+        side = max(h, w)
+        canvas = np.zeros((side, side, 3), np.uint8)
+        canvas[(side - h) // 2:(side - h) // 2 + h, (side - w) // 2:(side - w) // 2 + w] = image
+        image = canvas
+    shrink = image.shape[0] >= size and image.shape[1] >= size
+    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+def test_petastorm_tensors_equal_an_independent_decode_for_each_policy(spark, tmp_path, capsys):
+    from petastorm import make_batch_reader, make_reader
+    folder, lake = tmp_path / "in", str(tmp_path / "lake")
+    make_folder(folder, groups=12, per_group=2, seed=4, malignant_every=3)
+    summary = ingest(capsys, lake, folder, "pol")
+    content = {r.image_id: bytes(r.content) for r in
+               spark.read.format("delta").load(summary["table"]).select("image_id", "content").collect()}
+    for version, policy in enumerate(("stretch", "crop", "pad"), start=1):
+        code, out, err = run(preprocess_job, capsys, "--lake", lake, "--dataset", "pol", "--size", "20",
+                             "--set", f"preprocess.resize={policy}")
+        assert code == 0 and out["version"] == version, err
+        manifest = json.loads(Path(out["output"].removeprefix("file:"), "manifest.json").read_text())
+        assert manifest["resize"] == policy and manifest["size"] == 20
+        seen = 0
+        for split in preprocess.SPLITS:
+            url = "file://" + out["output"].removeprefix("file:") + f"/split={split}"
+            with make_reader(url, num_epochs=1, reader_pool_type="dummy") as reader:
+                for row in reader:
+                    assert row.image.dtype == np.uint8 and row.image.shape == (20, 20, 3)
+                    np.testing.assert_array_equal(row.image, independent_tensor(content[row.image_id], 20, policy))
+                    seen += 1
+        assert seen == len(content)
+    with make_batch_reader(url, num_epochs=1, reader_pool_type="dummy") as reader:
+        batch = next(iter(reader))
+        assert len(batch.image_id) == out["test"]
+
+
+@pytest.mark.parametrize("method", ["none", "undersample", "oversample", "class_weight"])
+def test_balancing_touches_only_the_training_split(spark, tmp_path, capsys, method):
+    folder, lake = tmp_path / "in", str(tmp_path / "lake")
+    make_folder(folder, groups=40, per_group=2, seed=5, malignant_every=4)
+    ingest(capsys, lake, folder, "bal")
+    code, out, err = run(preprocess_job, capsys, "--lake", lake, "--dataset", "bal", "--size", "16",
+                         "--set", f"preprocess.balance={method}")
+    assert code == 0, err
+    root = Path(out["output"].removeprefix("file:"))
+    on_disk = {}
+    for split in preprocess.SPLITS:
+        labels = spark.read.parquet(str(root / f"split={split}")).groupBy("label").count().collect()
+        on_disk[split] = {str(r["label"]): r["count"] for r in labels}
+    before = out["class_counts"]["train"]
+    manifest = json.loads((root / "manifest.json").read_text())
+    if method == "undersample":
+        assert on_disk["train"] == {"0": min(before.values()), "1": min(before.values())}
+    elif method == "oversample":
+        assert on_disk["train"] == {"0": max(before.values()), "1": max(before.values())}
+    else:
+        assert on_disk["train"] == before
+    if method == "class_weight":
+        weights = manifest["balancing"]["class_weight"]
+        n = sum(before.values())
+        assert weights == {k: pytest.approx(n / (2 * v), rel=1e-5) for k, v in before.items()}
+    for split in ("val", "test"):
+        assert on_disk[split] == out["class_counts"][split]
+    assert out["train_after_balancing"] == sum(on_disk["train"].values())
+    if method == "undersample":
+        return  # statistics cover the whole training split, not the subset kept on disk
+    train_pixels = np.stack([np.load(__import__("io").BytesIO(bytes(r.image))) for r in
+                             spark.read.parquet(str(root / "split=train")).dropDuplicates(["image_id"]).collect()])
+    np.testing.assert_allclose(manifest["normalisation"]["mean"],
+                               train_pixels.reshape(-1, 3).mean(axis=0), atol=0.01)
+
+
+def test_a_run_killed_half_way_leaves_no_readable_version(spark, tmp_path, capsys, monkeypatch):
+    folder, lake = tmp_path / "in", str(tmp_path / "lake")
+    make_folder(folder, groups=10, per_group=2, seed=6, malignant_every=2)
+    ingest(capsys, lake, folder, "kill")
+
+    def killed(*_args, **_kwargs):
+        raise KeyboardInterrupt("killed")  # like SIGKILL: no cleanup runs after this point
+    monkeypatch.setattr(preprocess, "_record_splits", killed)
+    monkeypatch.setattr(lakefs, "delete", lambda *_a, **_k: None)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess_job.main(["--lake", lake, "--dataset", "kill", "--size", "16"])
+    capsys.readouterr()
+    root = Path(lake) / "silver" / "tensors" / "kill"
+    leftovers = [p.name for p in root.iterdir()]
+    assert leftovers and all(name.startswith("_tmp-") for name in leftovers)
+    assert preprocess.published_versions(spark, lakefs.qualify(spark, lake), "kill") == []
+    monkeypatch.undo()
+
+    code, out, err = run(preprocess_job, capsys, "--lake", lake, "--dataset", "kill", "--size", "16")
+    assert code == 0 and out["version"] == 1, err
+    assert spark.read.parquet(out["output"] + "/split=train").count() == out["train"]
+
+
+def test_no_labels_or_one_class_exits_3(spark, tmp_path, capsys):
+    folder, lake = tmp_path / "in", str(tmp_path / "lake")
+    make_folder(folder, groups=4, per_group=1, seed=7, start=1, malignant_every=100)  # benign only
+    ingest(capsys, lake, folder, "one")
+    code, _, err = run(preprocess_job, capsys, "--lake", lake, "--dataset", "one")
+    assert code == 3 and "single class" in err.strip().splitlines()[-1]
+    code, _, err = run(preprocess_job, capsys, "--lake", lake, "--dataset", "absent")
+    assert code == 3 and "no labelled images" in err.strip().splitlines()[-1]
+    code, _, err = run(preprocess_job, capsys, "--lake", lake, "--dataset", "one",
+                       "--set", "preprocess.balance=smote")
+    assert code == 2 and "preprocess.balance" in err
