@@ -1,9 +1,7 @@
 """The preprocess job: grouped stratified stable splits, balancing, Petastorm tensors."""
 from __future__ import annotations
 
-import csv
 import json
-import shutil
 from pathlib import Path
 
 import cv2
@@ -13,9 +11,8 @@ import pytest
 from jobs import ingest as ingest_job
 from jobs import preprocess as preprocess_job
 from oncolake import lake as lakefs
-from oncolake import preprocess
+from oncolake import preprocess, synthetic
 from tests.conftest import last_json, shared_dataset
-from tests.test_imaging import encode
 
 
 def run(job, capsys, *args):
@@ -24,23 +21,7 @@ def run(job, capsys, *args):
     return code, (last_json(captured.out) if code == 0 else None), captured.err
 
 
-def make_folder(folder: Path, groups: int, per_group: int, seed: int, start: int = 0,
-                malignant_every: int = 4) -> None:
-    """Synthetic labelled images: ``groups`` patients of ``per_group`` images, varied shapes."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    new = not (folder / "labels.csv").exists()
-    with open(folder / "labels.csv", "a", newline="") as handle:
-        writer = csv.writer(handle)
-        if new:
-            writer.writerow(["path", "label", "patient_id"])
-        for g in range(start, start + groups):
-            label = "malignant" if g % malignant_every == 0 else "benign"
-            for i in range(per_group):
-                h, w = int(rng.integers(24, 64)), int(rng.integers(24, 64))
-                name = f"p{g:03d}_{i}.png"
-                (folder / name).write_bytes(encode(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), ".png"))
-                writer.writerow([name, label, f"P{g:03d}"])
+make_folder = synthetic.write_dataset
 
 
 def ingest(capsys, lake, folder, dataset, date="2026-03-01"):

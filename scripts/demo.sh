@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Set up what is missing, then run the pipeline end to end in local mode.
+#
+#   scripts/demo.sh [DATA_DIR]
+#
+# DATA_DIR: a folder of images with labels.csv (default: ../shared/data/busi
+# next to this repository if present, else a synthetic folder made here).
+# The lake goes to var/demo-lake (ignored); its tables are printed at the end.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+"$root/scripts/setup.sh"
+cd "$root"
+data="${1:-}"
+if [ -z "$data" ]; then
+  if [ -f "$root/../shared/data/busi/labels.csv" ]; then
+    data="$root/../shared/data/busi"
+  else
+    data="$root/var/demo-data"
+    [ -f "$data/labels.csv" ] || PYTHONPATH="$root/lib" .venv/bin/python -m oncolake.synthetic "$data" >/dev/null
+  fi
+fi
+dataset="$(basename "$data" | tr -c 'A-Za-z0-9_\n-' '_')"
+lake="$root/var/demo-lake"
+mkdir -p "$root/var"
+log="$root/var/demo.log"
+: > "$log"
+step() {
+  echo "== $1" >&2
+  shift
+  "$root/scripts/submit.sh" "$@" 2>>"$log" | tail -1
+}
+step "ingest $data" ingest --lake "$lake" --dataset "$dataset" --input "$data" --labels "$data/labels.csv"
+step "preprocess" preprocess --lake "$lake" --dataset "$dataset" --size 64
+echo "== the lake ($lake)" >&2
+echo "bronze images:     $lake/bronze/images"
+echo "bronze quarantine: $lake/bronze/quarantine"
+echo "silver tensors:    $lake/silver/tensors/$dataset/"
+echo "silver splits:     $lake/silver/splits"
+echo "(Spark logs: $log)"

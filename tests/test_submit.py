@@ -1,0 +1,58 @@
+"""scripts/submit.sh: the spark-submit command, and one real run through it."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from oncolake import session, submit
+from oncolake.errors import ConfigError
+from oncolake.synthetic import write_dataset
+from tests.conftest import ROOT
+
+
+def test_command_carries_master_jars_zip_conf_and_job_args():
+    cmd = submit.command("ingest", ["--master", "spark://h:7077", "--set", "spark.conf.spark.executor.memory=1g",
+                                    "--dataset", "d", "--input", "/x"], "/tmp/o.zip", "/venv/bin/python", {})
+    assert cmd[cmd.index("--master") + 1] == "spark://h:7077"
+    assert cmd[cmd.index("--py-files") + 1] == "/tmp/o.zip"
+    assert cmd[cmd.index("--jars") + 1] == ",".join(session.jars("spark"))
+    assert "spark.executor.memory=1g" in cmd and "spark.sql.extensions=" + session.DELTA_CONF["spark.sql.extensions"] in cmd
+    job = cmd.index(str(ROOT / "jobs" / "ingest.py"))
+    assert cmd[job + 1:] == ["--env", "local", "--conf-dir", str(ROOT / "conf"),
+                             "--set", "spark.conf.spark.executor.memory=1g", "--dataset", "d", "--input", "/x"]
+
+
+def test_master_comes_from_configuration_unless_given():
+    cmd = submit.command("ingest", ["--env", "cluster"], "/z", "/p", {})
+    assert cmd[cmd.index("--master") + 1] == "spark://127.0.0.1:7077"
+    cmd = submit.command("ingest", [], "/z", "/p", {"ONCOLAKE_SPARK_MASTER": "local[1]"})
+    assert cmd[cmd.index("--master") + 1] == "local[1]"
+
+
+def test_unknown_job_is_a_usage_error():
+    with pytest.raises(ConfigError, match="no job 'nope'"):
+        submit.command("nope", [], "/z", "/p", {})
+
+
+@pytest.mark.slow
+def test_submit_sh_runs_ingest_through_spark_submit(tmp_path):
+    data = write_dataset(tmp_path / "in", groups=4, per_group=2, seed=0)
+    (data / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYSPARK", "SPARK_"))}
+    result = subprocess.run(
+        [str(ROOT / "scripts" / "submit.sh"), "ingest", "--master", "local[2]", "--lake", str(tmp_path / "lake"),
+         "--dataset", "syn", "--input", str(data), "--labels", str(data / "labels.csv")],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (summary["ingested"], summary["quarantined"]) == (8, 1)
+    bad = subprocess.run([str(ROOT / "scripts" / "submit.sh"), "ingest", "--lake", str(tmp_path / "lake"),
+                          "--dataset", "syn", "--input", str(tmp_path / "missing")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    # spark-submit's PythonRunner merges the driver's stderr into its stdout:
+    # the failure is the last line there, and no summary is printed.
+    assert bad.returncode == 1
+    last = bad.stdout.strip().splitlines()[-1]
+    assert "ingest failed: input folder" in last and not last.startswith("{")
