@@ -65,12 +65,34 @@ def read_text(spark: SparkSession, uri: str) -> str:
 
 def write_text(spark: SparkSession, uri: str, text: str) -> None:
     """Write a small text file, replacing any file already there."""
+    write_bytes(spark, uri, text.encode("utf-8"))
+
+
+def write_bytes(spark: SparkSession, uri: str, data: bytes) -> None:
+    """Write a small file (a model, a plot), replacing any file already there."""
     path, fs = _hadoop_path(spark, uri)
     stream = fs.create(path, True)
     try:
-        stream.write(bytearray(text.encode("utf-8")))
+        stream.write(bytearray(data))
     finally:
         stream.close()
+
+
+def read_bytes(spark: SparkSession, uri: str) -> bytes:
+    """A small file's bytes (a model file)."""
+    path, fs = _hadoop_path(spark, uri)
+    stream = fs.open(path)
+    try:
+        return bytes(spark.sparkContext._jvm.org.apache.commons.io.IOUtils.toByteArray(stream))
+    finally:
+        stream.close()
+
+
+def copy_from_local(spark: SparkSession, local: str, uri: str) -> None:
+    """Copy a local file or folder into the lake."""
+    jvm = spark.sparkContext._jvm
+    path, fs = _hadoop_path(spark, uri)
+    fs.copyFromLocalFile(False, True, jvm.org.apache.hadoop.fs.Path(local), path)
 
 
 def rename(spark: SparkSession, src: str, dst: str) -> bool:

@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 BALANCING = ("none", "undersample", "oversample", "class_weight")
 _VERSION = re.compile(r"^v(\d+)$")
+#: Each split is written as at least this many files (row groups), so up to this
+#: many training processes each get a shard.
+MIN_FILES = 4
 _TENSORS = ("image_id string, label int, group_id string, split string, image binary, "
             "s0 double, s1 double, s2 double, q0 double, q1 double, q2 double, error string")
 
@@ -300,7 +303,9 @@ def _publish(spark: SparkSession, lake_uri: str, dataset: str, version: int, par
     try:
         for split, frame in parts.items():
             rows = manifest["balancing"]["after"] if split == "train" else manifest["class_counts"][split]
-            files = max(1, math.ceil(sum(rows.values()) * row_bytes / (64 * 2 ** 20)))
+            n = sum(rows.values())
+            # Petastorm shards by row group: enough files for MIN_FILES Horovod ranks.
+            files = max(min(MIN_FILES, n), math.ceil(n * row_bytes / (64 * 2 ** 20)))
             url = f"{tmp}/split={split}"
             with materialize_dataset(spark, url, schema, row_group_size_mb=group_mb):
                 (frame.select("image_id", "label", "group_id", "image").repartition(files)

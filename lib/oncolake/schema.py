@@ -1,5 +1,5 @@
 """Every StructType oncolake writes or exchanges, in one place."""
-from pyspark.sql.types import (BinaryType, DateType, IntegerType, LongType, MapType, StringType,
+from pyspark.sql.types import (BinaryType, DateType, DoubleType, IntegerType, LongType, MapType, StringType,
                                StructField, StructType, TimestampType)
 
 #: bronze.images: one row per distinct image (by SHA-256 of its bytes) per dataset.
@@ -50,3 +50,17 @@ INSPECTION = StructType([
     StructField("reason", StringType(), True),
     StructField("detail", StringType(), True),
 ])
+
+#: gold.predictions: one row per image per model version.
+GOLD_PREDICTIONS = StructType([
+    StructField("image_id", StringType(), False),
+    StructField("dataset", StringType(), False),
+    StructField("model_version", IntegerType(), False),
+    StructField("probability", DoubleType(), True),
+    StructField("predicted_label", IntegerType(), True),
+    StructField("threshold", DoubleType(), False),
+    StructField("error", StringType(), True),
+    StructField("scored_at", TimestampType(), False),
+    StructField("ingest_date", DateType(), False),
+])
+GOLD_PREDICTIONS_PARTITIONS = ("dataset", "ingest_date")

@@ -1,0 +1,42 @@
+"""Train the CNN on a tensor dataset version with Horovod on Spark; register the model.
+
+Reads LAKE/silver/tensors/NAME/v<N>/ (the newest unless --tensors-version);
+writes LAKE/models/NAME/v<M>/ (model.keras, model.json, tensorboard/) and
+checkpoints under LAKE/models/NAME/_runs/. --resume continues the newest
+unfinished run from its last checkpoint.
+
+    scripts/submit.sh train --lake lake --dataset busi --epochs 20 --num-proc 2
+"""
+import sys
+
+from oncolake import cli, session, training
+
+
+def main(argv=None) -> int:
+    p = cli.parser("train", __doc__)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--num-proc", type=int, help="Horovod processes (default: every task slot)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--tensors-version", type=int)
+    p.add_argument("--resume", action="store_true")
+    args = p.parse_args(argv)
+    for option, key in (("epochs", "epochs"), ("num_proc", "num_proc"), ("batch_size", "batch_size")):
+        if getattr(args, option) is not None:
+            args.set.append(f"train.{key}={getattr(args, option)}")
+    spark = None
+    try:
+        cfg = cli.load_config(args)
+        spark = session.build("train", cfg)
+        cli.emit(training.run(spark, cfg, dataset=args.dataset, tensors_version=args.tensors_version,
+                              resume=args.resume))
+        return 0
+    except Exception as err:  # every failure ends as one line and an exit code
+        return cli.fail("train", err)
+    finally:
+        if spark is not None:
+            session.stop(spark)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Evaluation metrics for a binary malignant-vs-benign classifier, in numpy.
+
+Scores are probabilities of malignant (label 1). The operating threshold is
+chosen on the validation split (:func:`choose_threshold`) and only then
+applied to the test split (:func:`metrics`), which is never used for model
+selection.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+THRESHOLD_RULES = ("youden", "sensitivity")
+
+
+def _check(labels, scores) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(labels, dtype=np.int64).ravel()
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    if y.shape != s.shape:
+        raise ValueError(f"{y.size} labels but {s.size} scores")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError("labels must be 0 or 1")
+    if np.isnan(s).any():
+        raise ValueError("scores contain NaN")
+    return y, s
+
+
+def roc_auc(labels, scores) -> float:
+    """Area under the ROC curve: P(score of a random positive > random negative), ties count half."""
+    y, s = _check(labels, scores)
+    positives, negatives = y.sum(), (1 - y).sum()
+    if positives == 0 or negatives == 0:
+        raise ValueError("ROC AUC needs both classes")
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s), dtype=np.float64)
+    sorted_scores = s[order]
+    # average ranks over ties
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_scores)) + 1]
+    ends = np.r_[starts[1:], len(s)]
+    for start, end in zip(starts, ends):
+        ranks[order[start:end]] = (start + end + 1) / 2.0
+    return float((ranks[y == 1].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def roc_curve(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """False-positive rates, true-positive rates and the thresholds giving them (descending)."""
+    y, s = _check(labels, scores)
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    distinct = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
+    tps = np.cumsum(y)[distinct]
+    fps = (distinct + 1) - tps
+    tpr = np.r_[0.0, tps / max(y.sum(), 1)]
+    fpr = np.r_[0.0, fps / max((1 - y).sum(), 1)]
+    thresholds = np.r_[np.inf, s[distinct]]
+    return fpr, tpr, thresholds
+
+
+def average_precision(labels, scores) -> float:
+    """Area under the precision-recall curve as the step-wise average precision."""
+    y, s = _check(labels, scores)
+    if y.sum() == 0:
+        raise ValueError("average precision needs positives")
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    distinct = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
+    tps = np.cumsum(y)[distinct]
+    precision = tps / (distinct + 1)
+    recall = tps / y.sum()
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def confusion(labels, scores, threshold: float) -> dict[str, int]:
+    """Counts at ``threshold`` (score >= threshold is malignant)."""
+    y, s = _check(labels, scores)
+    predicted = s >= threshold
+    return {"tp": int((predicted & (y == 1)).sum()), "fp": int((predicted & (y == 0)).sum()),
+            "tn": int((~predicted & (y == 0)).sum()), "fn": int((~predicted & (y == 1)).sum())}
+
+
+def choose_threshold(labels, scores, rule: str = "youden", target_sensitivity: float = 0.9) -> float:
+    """The operating threshold from validation scores.
+
+    ``youden`` maximises sensitivity + specificity - 1; ``sensitivity`` is the
+    highest threshold whose sensitivity reaches ``target_sensitivity`` (what a
+    screening setting asks for).
+    """
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"threshold rule must be one of {THRESHOLD_RULES}, got {rule!r}")
+    fpr, tpr, thresholds = roc_curve(labels, scores)
+    finite = np.isfinite(thresholds)
+    fpr, tpr, thresholds = fpr[finite], tpr[finite], thresholds[finite]
+    if rule == "youden":
+        return float(thresholds[int(np.argmax(tpr - fpr))])
+    reaching = np.flatnonzero(tpr >= target_sensitivity)
+    return float(thresholds[reaching[0]])
+
+
+def metrics(labels, scores, threshold: float, bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Everything the evaluation report shows, at the given operating threshold."""
+    y, s = _check(labels, scores)
+    c = confusion(y, s, threshold)
+    sensitivity = c["tp"] / max(c["tp"] + c["fn"], 1)
+    specificity = c["tn"] / max(c["tn"] + c["fp"], 1)
+    precision = c["tp"] / max(c["tp"] + c["fp"], 1)
+    f1 = 2 * precision * sensitivity / max(precision + sensitivity, 1e-12)
+    auc = roc_auc(y, s)
+    return {
+        "n": int(len(y)), "positives": int(y.sum()), "threshold": float(threshold),
+        "auc": auc, "auc_ci95": bootstrap_auc_ci(y, s, bootstrap, seed),
+        "pr_auc": average_precision(y, s),
+        "accuracy": (c["tp"] + c["tn"]) / len(y),
+        "balanced_accuracy": (sensitivity + specificity) / 2,
+        "sensitivity": sensitivity, "specificity": specificity, "precision": precision, "f1": f1,
+        "brier": float(np.mean((s - y) ** 2)), "confusion": c,
+    }
+
+
+def bootstrap_auc_ci(labels, scores, rounds: int = 1000, seed: int = 0) -> list[float]:
+    """A 95 % percentile bootstrap interval of the ROC AUC (resamples lacking a class are skipped)."""
+    y, s = _check(labels, scores)
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(rounds):
+        pick = rng.integers(0, len(y), len(y))
+        if 0 < y[pick].sum() < len(pick):
+            values.append(roc_auc(y[pick], s[pick]))
+    if not values:
+        raise ValueError("no bootstrap resample had both classes")
+    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+
+
+def calibration(labels, scores, bins: int = 10) -> dict[str, list[float]]:
+    """Mean predicted probability and observed malignant rate per equal-width bin."""
+    y, s = _check(labels, scores)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    index = np.clip(np.digitize(s, edges[1:-1]), 0, bins - 1)
+    predicted, observed, counts = [], [], []
+    for b in range(bins):
+        members = index == b
+        if members.any():
+            predicted.append(float(s[members].mean()))
+            observed.append(float(y[members].mean()))
+            counts.append(int(members.sum()))
+    return {"predicted": predicted, "observed": observed, "count": counts}
+
+
+# --- the evaluate job -----------------------------------------------------------
+
+def read_split(url: str):
+    """(image ids, uint8 images, labels) of one tensor split, read through Petastorm."""
+    from petastorm import make_reader
+    ids, images, labels = [], [], []
+    with make_reader(url, num_epochs=1, shuffle_row_groups=False, reader_pool_type="dummy") as reader:
+        for row in reader:
+            ids.append(row.image_id)
+            images.append(row.image)
+            labels.append(int(row.label))
+    return ids, np.stack(images), np.asarray(labels)
+
+
+def run(spark, cfg, dataset: str, model_version: int | None = None) -> dict[str, Any]:
+    """Evaluate a registered model: threshold on validation, metrics on test, report."""
+    import json as _json
+
+    from oncolake import lake, preprocess, registry, report, tracking
+    lake_uri = lake.qualify(spark, cfg.lake)
+    version = model_version or registry.latest(spark, lake_uri, dataset)
+    model_dir = registry.version_uri(lake_uri, dataset, version)
+    record = registry.read_record(spark, model_dir)
+    model = registry.load_model(spark, model_dir)
+    tensors = f"{preprocess.tensors_root(lake_uri, dataset)}/v{record['tensors_version']}"
+    scores = {}
+    for split in ("val", "test"):
+        _, images, labels = read_split(registry.petastorm_url(f"{tensors}/split={split}"))
+        scores[split] = (labels, model.predict(images, batch_size=cfg.score.batch_size, verbose=0).ravel())
+    rule = cfg.train.threshold_rule
+    threshold = choose_threshold(*scores["val"], rule=rule, target_sensitivity=cfg.train.target_sensitivity)
+    test = metrics(*scores["test"], threshold=threshold, seed=cfg.train.seed)
+    result = {"dataset": dataset, "model_version": version, "threshold": threshold, "threshold_rule": rule,
+              "target_sensitivity": cfg.train.target_sensitivity if rule == "sensitivity" else None,
+              "val": metrics(*scores["val"], threshold=threshold, bootstrap=200, seed=cfg.train.seed),
+              "test": test, "calibration": calibration(*scores["test"])}
+    images = report.plots(*scores["test"], threshold, test)
+    lineage = {k: record[k] for k in ("tensors_uri", "tensors_version", "source_table_version", "architecture",
+                                      "epochs_run", "best_val_auc", "num_proc", "size", "resize")}
+    page = report.html_report(f"oncolake {dataset} model v{version}", result, images, lineage)
+    files = {"metrics.json": _json.dumps(result, indent=2, sort_keys=True).encode(), "report.html": page.encode(),
+             **images}
+    for name, data in files.items():
+        lake.write_bytes(spark, f"{model_dir}/{name}", data)
+    run_id = tracking.log_run(cfg, lake_uri, f"evaluate-{dataset}-v{version}",
+                              params={"dataset": dataset, "model_version": version, "threshold_rule": rule},
+                              metrics={f"test_{k}": test[k] for k in ("auc", "pr_auc", "balanced_accuracy",
+                                                                      "sensitivity", "specificity", "f1", "brier")},
+                              artifacts=files)
+    return {"job": "evaluate", "dataset": dataset, "model_version": version, "auc": test["auc"],
+            "auc_ci95": test["auc_ci95"], "balanced_accuracy": test["balanced_accuracy"],
+            "sensitivity": test["sensitivity"], "specificity": test["specificity"], "threshold": threshold,
+            "report": f"{model_dir}/report.html", "mlflow_run_id": run_id}

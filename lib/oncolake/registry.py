@@ -1,0 +1,92 @@
+"""The model registry: LAKE/models/NAME/v<N>/ with model.keras and model.json.
+
+A version is assembled under ``_tmp-*`` and renamed into place, so a listed
+version is always complete. Models load with Keras' safe mode: no code from
+the file is executed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from pyspark.sql import SparkSession
+
+from oncolake import lake
+from oncolake.errors import DataQualityError, InputError
+
+log = logging.getLogger(__name__)
+
+
+def models_root(lake_uri: str, dataset: str) -> str:
+    return f"{lake_uri.rstrip('/')}/models/{dataset}"
+
+
+def version_uri(lake_uri: str, dataset: str, version: int) -> str:
+    return f"{models_root(lake_uri, dataset)}/v{version}"
+
+
+def versions(spark: SparkSession, lake_uri: str, dataset: str) -> list[int]:
+    """Registered model versions of ``dataset``, oldest first."""
+    names = lake.list_dir(spark, models_root(lake_uri, dataset))
+    return sorted(int(n[1:]) for n in names if n.startswith("v") and n[1:].isdigit())
+
+
+def latest(spark: SparkSession, lake_uri: str, dataset: str) -> int:
+    """The newest registered version (the default model for evaluate and score)."""
+    found = versions(spark, lake_uri, dataset)
+    if not found:
+        raise InputError(f"no registered model for {dataset} under {models_root(lake_uri, dataset)}: train first")
+    return found[-1]
+
+
+def read_record(spark: SparkSession, model_dir: str) -> dict[str, Any]:
+    if not lake.exists(spark, f"{model_dir}/model.json"):
+        raise InputError(f"no model at {model_dir}")
+    return json.loads(lake.read_text(spark, f"{model_dir}/model.json"))
+
+
+def load_model(spark: SparkSession, model_dir: str):
+    """The Keras model of a version, loaded in safe mode."""
+    return load_model_bytes(lake.read_bytes(spark, f"{model_dir}/model.keras"))
+
+
+def load_model_bytes(data: bytes):
+    """A Keras model from ``.keras`` bytes, in safe mode (usable on executors, no Spark)."""
+    import tensorflow as tf
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.keras"
+        path.write_bytes(data)
+        return tf.keras.models.load_model(path, safe_mode=True, compile=False)
+
+
+def register(spark: SparkSession, lake_uri: str, dataset: str, files: Mapping[str, bytes],
+             local_dirs: Mapping[str, Path] = ()) -> tuple[int, str]:
+    """Register the next version from file contents (and local folders, e.g. TensorBoard logs)."""
+    root = models_root(lake_uri, dataset)
+    tmp = f"{root}/_tmp-{os.getpid()}-{time.time_ns()}"
+    try:
+        for name, data in files.items():
+            lake.write_bytes(spark, f"{tmp}/{name}", data)
+        for name, folder in dict(local_dirs).items():
+            if Path(folder).is_dir():
+                lake.copy_from_local(spark, str(folder), f"{tmp}/{name}")
+        for _ in range(5):
+            version = (versions(spark, lake_uri, dataset) or [0])[-1] + 1
+            target = version_uri(lake_uri, dataset, version)
+            if lake.rename(spark, tmp, target):
+                log.info("registered %s", target)
+                return version, target
+        raise DataQualityError(f"could not register a version under {root}: concurrent registrations")
+    finally:
+        if lake.exists(spark, tmp):
+            lake.delete(spark, tmp)
+
+
+def petastorm_url(uri: str) -> str:
+    """Hadoop's ``file:/a/b`` as Petastorm wants it (``file:///a/b``); other URIs unchanged."""
+    return "file://" + uri[len("file:"):] if uri.startswith("file:/") and not uri.startswith("file://") else uri

@@ -1,0 +1,258 @@
+"""Train the CNN across Spark executors with Horovod, reading tensors through Petastorm.
+
+``horovod.spark.run`` starts ``num_proc`` training processes as Spark tasks.
+Each reads its own shard of the training split (``cur_shard``/``shard_count``)
+and the whole validation split; the optimizer is Horovod's
+DistributedOptimizer with the learning rate scaled by the number of
+processes, rank 0's initial weights are broadcast, metrics are averaged, and
+only rank 0 writes checkpoints, TensorBoard logs and the model.
+
+TensorFlow is imported inside the functions that need it, so importing this
+module (on the driver, in Spark tasks) stays cheap.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from pyspark.sql import SparkSession
+
+from oncolake import lake, preprocess, registry, tracking
+from oncolake.config import Config, TrainConfig
+from oncolake.errors import ConfigError, DataQualityError
+
+log = logging.getLogger(__name__)
+
+ARCHITECTURES = ("cnn3", "separable")
+
+
+def build_model(size: int, mean: list[float], std: list[float], tcfg: TrainConfig):
+    """The CNN: uint8 images in, probability of malignant out.
+
+    Normalisation (the dataset's training-split statistics) and augmentation
+    (flips, rotation, zoom, brightness, contrast; active in training only) are
+    layers of the model, so it takes uint8 images as stored and as scored.
+    """
+    import tensorflow as tf
+    layers = tf.keras.layers
+    if tcfg.architecture not in ARCHITECTURES:
+        raise ConfigError(f"train.architecture must be one of {ARCHITECTURES}, got {tcfg.architecture!r}")
+    inputs = tf.keras.Input((size, size, 3), dtype=tf.uint8, name="image")
+    # Normalization casts the uint8 input to float itself: no Lambda layer, so
+    # the saved model loads with safe_mode (no code from the file is run).
+    x = layers.Normalization(mean=mean, variance=[s * s for s in std], name="normalise")(inputs)
+    x = layers.RandomFlip("horizontal_and_vertical", seed=tcfg.seed)(x)
+    x = layers.RandomRotation(0.1, seed=tcfg.seed)(x)
+    x = layers.RandomZoom(0.1, seed=tcfg.seed)(x)
+    x = layers.RandomBrightness(0.1, value_range=(-4.0, 4.0), seed=tcfg.seed)(x)
+    x = layers.RandomContrast(0.1, seed=tcfg.seed)(x)
+    conv = layers.SeparableConv2D if tcfg.architecture == "separable" else layers.Conv2D
+    for filters in tcfg.filters:
+        for _ in range(2):
+            x = conv(filters, 3, padding="same", use_bias=False)(x)
+            x = layers.BatchNormalization()(x)
+            x = layers.Activation("relu")(x)
+        x = layers.MaxPooling2D()(x)
+        x = layers.Dropout(tcfg.dropout / 2)(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    x = layers.Dense(tcfg.dense_units, activation="relu")(x)
+    x = layers.Dropout(tcfg.dropout)(x)
+    outputs = layers.Dense(1, activation="sigmoid", name="malignant")(x)
+    return tf.keras.Model(inputs, outputs, name=f"oncolake_{tcfg.architecture}")
+
+
+def weights_digest(model) -> str:
+    """SHA-256 of all weights in order: equal digests mean identical models."""
+    digest = hashlib.sha256()
+    for weight in model.get_weights():
+        digest.update(weight.tobytes())
+    return digest.hexdigest()
+
+
+def _average_non_trainable():
+    """A callback that averages non-trainable variables across ranks at each epoch end.
+
+    BatchNormalization's moving mean and variance are not gradients, so the
+    DistributedOptimizer never averages them: without this, every rank keeps
+    the statistics of its own shard and the ranks' models differ.
+    """
+    import horovod.tensorflow as hvd_tf
+    import tensorflow as tf
+
+    class AverageNonTrainable(tf.keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            for i, variable in enumerate(self.model.non_trainable_variables):
+                variable.assign(hvd_tf.allreduce(variable, op=hvd_tf.Average, name=f"non_trainable_{i}"))
+
+    return AverageNonTrainable()
+
+
+def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """One Horovod rank. Runs inside a Spark task; returns its history and digest.
+
+    Rank 0 also returns the model's bytes (``.keras``, best epoch's weights),
+    which the driver registers in the lake.
+    """
+    import horovod.tensorflow.keras as hvd
+    import tensorflow as tf
+    from petastorm import make_reader
+    from petastorm.tf_utils import make_petastorm_dataset
+
+    hvd.init()
+    rank, size = hvd.rank(), hvd.size()
+    tf.config.threading.set_intra_op_parallelism_threads(spec["threads"])
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    tcfg = TrainConfig(**spec["train"])
+    tf.keras.utils.set_random_seed(tcfg.seed)
+    run_dir = Path(spec["run_dir"])
+    checkpoint = run_dir / "last.weights.h5"
+    model = build_model(spec["size"], spec["mean"], spec["std"], tcfg)
+    optimizer = hvd.DistributedOptimizer(tf.keras.optimizers.Adam(tcfg.learning_rate * size))
+    model.compile(optimizer=optimizer, loss="binary_crossentropy",
+                  metrics=[tf.keras.metrics.AUC(name="auc")], experimental_run_tf_function=False)
+    initial_epoch = 0
+    if spec["resume"]:
+        # Weights only: the optimizer's moment estimates start afresh after a resume.
+        model.load_weights(checkpoint)
+        initial_epoch = json.loads((run_dir / "state.json").read_text())["epochs_done"]
+    callbacks = [
+        hvd.callbacks.BroadcastGlobalVariablesCallback(0),
+        _average_non_trainable(),  # before anything that reads or saves the weights
+        hvd.callbacks.MetricAverageCallback(),
+        tf.keras.callbacks.ReduceLROnPlateau(monitor="val_auc", mode="max", factor=0.5,
+                                             patience=max(1, tcfg.patience // 2), verbose=0),
+        tf.keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=tcfg.patience,
+                                         restore_best_weights=True),
+    ]
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        callbacks += [
+            tf.keras.callbacks.ModelCheckpoint(str(run_dir / "best.weights.h5"), monitor="val_auc", mode="max",
+                                               save_best_only=True, save_weights_only=True),
+            tf.keras.callbacks.ModelCheckpoint(str(checkpoint), save_weights_only=True),
+            tf.keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, _logs: (run_dir / "state.json")
+                                              .write_text(json.dumps({"epochs_done": epoch + 1}))),
+            tf.keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), profile_batch=0),
+        ]
+
+    def pairs(dataset):
+        return dataset.map(lambda row: (row.image, tf.cast(row.label, tf.float32)))
+
+    start = time.perf_counter()
+    with make_reader(spec["train_url"], num_epochs=None, cur_shard=rank, shard_count=size,
+                     shuffle_row_groups=True, seed=tcfg.seed + rank, reader_pool_type="dummy") as train_reader, \
+            make_reader(spec["val_url"], num_epochs=None, shuffle_row_groups=False,
+                        reader_pool_type="dummy") as val_reader:
+        train = pairs(make_petastorm_dataset(train_reader)).shuffle(512, seed=tcfg.seed).batch(spec["batch_size"])
+        val = pairs(make_petastorm_dataset(val_reader)).batch(spec["batch_size"])
+        history = model.fit(train, steps_per_epoch=spec["steps_per_epoch"], validation_data=val,
+                            validation_steps=spec["val_steps"], epochs=spec["epochs"], initial_epoch=initial_epoch,
+                            class_weight=spec["class_weight"], callbacks=callbacks,
+                            verbose=2 if rank == 0 else 0)
+    seconds = time.perf_counter() - start
+    result = {"rank": rank, "size": size, "digest": weights_digest(model), "seconds": seconds,
+              "initial_epoch": initial_epoch,
+              "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
+              "epochs_run": len(history.history.get("loss", []))}
+    if rank == 0:
+        final = run_dir / "model.keras"
+        model.save(final)
+        result["model"] = final.read_bytes()
+    return result
+
+
+def run(spark: SparkSession, cfg: Config, dataset: str, tensors_version: int | None = None,
+        resume: bool = False) -> dict[str, Any]:
+    """Train on a tensor dataset version and register the model as the next version."""
+    import horovod.spark
+    tcfg = cfg.train
+    lake_uri = lake.qualify(spark, cfg.lake)
+    versions = preprocess.published_versions(spark, lake_uri, dataset)
+    if not versions:
+        raise DataQualityError(f"no tensor dataset for {dataset}: run preprocess first")
+    tensors_version = tensors_version or versions[-1]
+    manifest = preprocess.read_manifest(spark, lake_uri, dataset, tensors_version)
+    tensors = f"{preprocess.tensors_root(lake_uri, dataset)}/v{tensors_version}"
+    slots = spark.sparkContext.defaultParallelism
+    num_proc = tcfg.num_proc or slots
+    if num_proc > slots:
+        raise ConfigError(f"train.num_proc={num_proc} but Spark has only {slots} task slots")
+    train_rows = manifest["balancing"]["after"]
+    n_train = sum(int(v) for v in train_rows.values())
+    n_val = sum(int(v) for v in manifest["class_counts"]["val"].values())
+    local_root = _local_path(registry.models_root(lake_uri, dataset))
+    run_dir = _run_dir(local_root, resume)
+    spec = {
+        "train_url": registry.petastorm_url(f"{tensors}/split=train"),
+        "val_url": registry.petastorm_url(f"{tensors}/split=val"),
+        "size": manifest["size"], "mean": manifest["normalisation"]["mean"],
+        "std": manifest["normalisation"]["std"], "train": dataclasses.asdict(tcfg),
+        "epochs": tcfg.epochs, "batch_size": tcfg.batch_size,
+        "steps_per_epoch": max(1, math.ceil(n_train / (tcfg.batch_size * num_proc))),
+        "val_steps": max(1, math.ceil(n_val / tcfg.batch_size)),
+        "class_weight": ({int(k): float(v) for k, v in manifest["balancing"]["class_weight"].items()}
+                         if "class_weight" in manifest["balancing"] else None),
+        "threads": max(1, int(spark.conf.get("spark.task.cpus", "1"))),
+        "run_dir": str(run_dir), "resume": resume,
+    }
+    log.info("training %s on tensors v%d with %d processes, %d steps per epoch", dataset, tensors_version,
+             num_proc, spec["steps_per_epoch"])
+    start = time.perf_counter()
+    results = horovod.spark.run(train_worker, args=(spec,), num_proc=num_proc, use_gloo=True,
+                                verbose=0)
+    seconds = time.perf_counter() - start
+    chief = next(r for r in results if r["rank"] == 0)
+    history = chief["history"]
+    best_auc = max(history.get("val_auc", [float("nan")]))
+    images_seen = chief["epochs_run"] * spec["steps_per_epoch"] * tcfg.batch_size * num_proc
+    record = {
+        "dataset": dataset, "architecture": tcfg.architecture,
+        "hyperparameters": dataclasses.asdict(tcfg), "tensors_version": tensors_version,
+        "tensors_uri": tensors, "source_table_version": manifest["source_table_version"],
+        "size": manifest["size"], "resize": manifest["resize"], "normalisation": manifest["normalisation"],
+        "history": history, "epochs_run": chief["epochs_run"], "best_val_auc": best_auc,
+        "num_proc": num_proc, "duration_s": round(seconds, 2), "resumed_from_epoch": chief["initial_epoch"],
+        "images_per_sec": round(images_seen / max(chief["seconds"], 1e-9), 2),
+        "weights_digests": sorted({r["digest"] for r in results}),
+    }
+    record["mlflow_run_id"] = tracking.log_run(
+        cfg, lake_uri, f"train-{dataset}", params={**dataclasses.asdict(tcfg), "tensors_version": tensors_version,
+                                                   "num_proc": num_proc, "dataset": dataset},
+        metrics={"best_val_auc": best_auc, "images_per_sec": record["images_per_sec"],
+                 "epochs_run": chief["epochs_run"]},
+        history=history, artifacts={"model.json": json.dumps(record, indent=2).encode()})
+    version, model_dir = registry.register(
+        spark, lake_uri, dataset, {"model.keras": chief["model"],
+                                   "model.json": json.dumps(record, indent=2, sort_keys=True).encode()},
+        {"tensorboard": run_dir / "tensorboard"})
+    (run_dir / "registered").write_text(model_dir)
+    return {"job": "train", "dataset": dataset, "model_version": version, "model_uri": model_dir,
+            "epochs_run": chief["epochs_run"], "best_val_auc": best_auc, "num_proc": num_proc,
+            "images_per_sec": record["images_per_sec"], "tensors_version": tensors_version,
+            "ranks_identical": len(record["weights_digests"]) == 1,
+            "resumed_from_epoch": chief["initial_epoch"]}
+
+
+def _run_dir(local_root: Path, resume: bool) -> Path:
+    runs = local_root / "_runs"
+    if resume:
+        unfinished = sorted(p for p in runs.glob("run-*") if (p / "last.weights.h5").exists()
+                            and not (p / "registered").exists())
+        if not unfinished:
+            raise ConfigError(f"--resume: no unfinished run under {runs}")
+        return unfinished[-1]
+    return runs / f"run-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+
+
+def _local_path(uri: str) -> Path:
+    """The local folder of a file: URI (Horovod ranks write checkpoints with plain file I/O)."""
+    if uri.startswith("file:"):
+        return Path("/" + uri[len("file:"):].lstrip("/"))
+    raise ConfigError(f"training checkpoints need a local lake for now, got {uri}")

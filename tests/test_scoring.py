@@ -1,0 +1,101 @@
+"""The score job: incremental partitions, idempotence, predictions equal model.predict."""
+import json
+
+import numpy as np
+import pytest
+
+from jobs import ingest as ingest_job
+from jobs import preprocess as preprocess_job
+from jobs import score as score_job
+from oncolake import config, evaluation, imaging, lake, registry, synthetic, training
+from tests.conftest import last_json
+
+
+def run(job, capsys, *args):
+    code = job.main(list(args))
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    return last_json(captured.out)
+
+
+@pytest.fixture()
+def scored_lake(spark, tmp_path, capsys):
+    """Two ingest dates, a tensor version, and a registered (untrained) model with a threshold."""
+    lake_dir = str(tmp_path / "lake")
+    for day, (start, seed) in {"2026-05-01": (0, 1), "2026-05-02": (10, 2)}.items():
+        folder = synthetic.write_dataset(tmp_path / day, groups=10, per_group=2, seed=seed, start=start,
+                                         malignant_every=2)
+        run(ingest_job, capsys, "--lake", lake_dir, "--dataset", "syn", "--input", str(folder),
+            "--labels", str(folder / "labels.csv"), "--ingest-date", day)
+    run(preprocess_job, capsys, "--lake", lake_dir, "--dataset", "syn", "--size", "16")
+    model = training.build_model(16, [120.0] * 3, [50.0] * 3, config.TrainConfig(filters=(4,), dense_units=4))
+    path = tmp_path / "model.keras"
+    model.save(path)
+    record = {"size": 16, "resize": "stretch", "tensors_version": 1}
+    lake_uri = lake.qualify(spark, lake_dir)
+    version, model_dir = registry.register(spark, lake_uri, "syn", {
+        "model.keras": path.read_bytes(), "model.json": json.dumps(record).encode(),
+        "metrics.json": json.dumps({"threshold": 0.5}).encode()})
+    return lake_dir, lake_uri, model_dir
+
+
+def test_partitions_are_scored_once_and_a_new_date_alone(spark, tmp_path, capsys, scored_lake):
+    lake_dir, lake_uri, _ = scored_lake
+    first = run(score_job, capsys, "--lake", lake_dir, "--dataset", "syn")
+    assert first["partitions_scored"] == ["2026-05-01", "2026-05-02"]
+    assert (first["scored"], first["errors"], first["model_version"]) == (40, 0, 1)
+
+    again = run(score_job, capsys, "--lake", lake_dir, "--dataset", "syn")
+    assert (again["partitions_scored"], again["scored"]) == ([], 0)
+
+    folder = synthetic.write_dataset(tmp_path / "third", groups=5, per_group=1, seed=9, start=50)
+    run(ingest_job, capsys, "--lake", lake_dir, "--dataset", "syn", "--input", str(folder),
+        "--ingest-date", "2026-05-03")
+    third = run(score_job, capsys, "--lake", lake_dir, "--dataset", "syn")
+    assert (third["partitions_scored"], third["scored"]) == (["2026-05-03"], 5)
+    forced = run(score_job, capsys, "--lake", lake_dir, "--dataset", "syn", "--all")
+    assert forced["scored"] == 0 and forced["already_scored"] == 45
+
+    table = spark.read.format("delta").load(first["table"])
+    assert table.count() == 45
+    assert table.select("image_id", "model_version").distinct().count() == 45
+
+
+def test_predictions_equal_model_predict_on_the_preprocessed_tensors(spark, capsys, scored_lake):
+    lake_dir, lake_uri, model_dir = scored_lake
+    summary = run(score_job, capsys, "--lake", lake_dir, "--dataset", "syn")
+    predicted = {r.image_id: (r.probability, r.predicted_label, r.threshold) for r in
+                 spark.read.format("delta").load(summary["table"]).collect()}
+    model = registry.load_model(spark, model_dir)
+    tensors = lake_uri + "/silver/tensors/syn/v1"
+    seen = 0
+    for split in ("train", "val", "test"):
+        ids, images, _ = evaluation.read_split(registry.petastorm_url(f"{tensors}/split={split}"))
+        expected = model.predict(images, verbose=0).ravel()
+        for image_id, value in zip(ids, expected):
+            probability, label, threshold = predicted[image_id]
+            assert probability == pytest.approx(float(value), abs=1e-6)
+            assert label == int(value >= 0.5) and threshold == 0.5
+            seen += 1
+    assert seen == len(predicted)
+
+
+def test_scoring_preprocessing_is_preprocessings(spark, capsys, scored_lake):
+    lake_dir, lake_uri, _ = scored_lake
+    content = {r.image_id: bytes(r.content) for r in
+               spark.read.format("delta").load(lake_uri + "/bronze/images").select("image_id", "content").collect()}
+    ids, images, _ = evaluation.read_split(registry.petastorm_url(lake_uri + "/silver/tensors/syn/v1/split=train"))
+    for image_id, tensor in zip(ids, images):
+        np.testing.assert_array_equal(imaging.prepare(content[image_id], 16, "stretch"), tensor)
+
+
+def test_an_undecodable_image_is_recorded_not_fatal(spark, tmp_path, capsys, scored_lake):
+    lake_dir, lake_uri, _ = scored_lake
+    from delta.tables import DeltaTable
+    table = DeltaTable.forPath(spark, lake_uri + "/bronze/images")
+    victim = table.toDF().filter("ingest_date = '2026-05-02'").select("image_id").first()[0]
+    table.update(f"image_id = '{victim}'", {"content": "X'00010203'"})
+    summary = run(score_job, capsys, "--lake", lake_dir, "--dataset", "syn")
+    assert summary["scored"] == 40 and summary["errors"] == 1
+    row = spark.read.format("delta").load(summary["table"]).filter(f"image_id = '{victim}'").first()
+    assert row.probability is None and row.predicted_label is None and row.error

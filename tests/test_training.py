@@ -1,0 +1,75 @@
+"""Training: the model, and Horovod on Spark with two ranks (slow)."""
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from jobs import ingest as ingest_job
+from jobs import preprocess as preprocess_job
+from jobs import evaluate as evaluate_job
+from jobs import train as train_job
+from oncolake import config, synthetic, training
+from tests.conftest import last_json
+
+
+def test_model_takes_uint8_and_normalises_inside():
+    import tensorflow as tf
+    tcfg = config.TrainConfig(filters=(4, 8), dense_units=8)
+    model = training.build_model(16, [100.0, 110.0, 120.0], [10.0, 20.0, 30.0], tcfg)
+    assert model.input.dtype == tf.uint8 and model.output.shape[-1] == 1
+    images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    probabilities = model.predict(images, verbose=0)
+    assert probabilities.shape == (4, 1) and ((probabilities > 0) & (probabilities < 1)).all()
+    # augmentation is off at inference: the same input gives the same output
+    np.testing.assert_allclose(model.predict(images, verbose=0), probabilities)
+    normalise = model.get_layer("normalise")
+    out = normalise(tf.constant(np.full((1, 2, 2, 3), [110, 150, 60], np.uint8))).numpy()[0, 0, 0]
+    np.testing.assert_allclose(out, [1.0, 2.0, -2.0], rtol=1e-5)
+
+
+def run(job, capsys, *args):
+    code = job.main(list(args))
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    return last_json(captured.out)
+
+
+@pytest.mark.slow
+def test_horovod_two_ranks_train_one_epoch_with_identical_weights(spark, tmp_path, capsys):
+    import tensorflow as tf
+    folder, lake = tmp_path / "in", str(tmp_path / "lake")
+    synthetic.write_dataset(folder, groups=30, per_group=2, seed=3, malignant_every=2)
+    run(ingest_job, capsys, "--lake", lake, "--dataset", "syn", "--input", str(folder),
+        "--labels", str(folder / "labels.csv"))
+    run(preprocess_job, capsys, "--lake", lake, "--dataset", "syn", "--size", "16")
+    summary = run(train_job, capsys, "--lake", lake, "--dataset", "syn", "--epochs", "1", "--num-proc", "2",
+                  "--batch-size", "8", "--set", "train.filters=[4, 8]", "--set", "train.dense_units=8")
+    assert (summary["num_proc"], summary["epochs_run"], summary["model_version"]) == (2, 1, 1)
+    assert summary["ranks_identical"] is True
+    model_dir = Path(summary["model_uri"].removeprefix("file:"))
+    record = json.loads((model_dir / "model.json").read_text())
+    assert len(record["weights_digests"]) == 1 and record["tensors_version"] == 1
+    model = tf.keras.models.load_model(model_dir / "model.keras", safe_mode=True, compile=False)
+    assert training.weights_digest(model) == record["weights_digests"][0]
+    assert (model_dir / "tensorboard").is_dir()
+
+    # evaluation writes its report beside the model
+    result = run(evaluate_job, capsys, "--lake", lake, "--dataset", "syn")
+    assert result["model_version"] == 1 and 0.0 <= result["auc"] <= 1.0
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    assert metrics["threshold"] == result["threshold"]
+    for name in ("roc.png", "pr.png", "confusion.png", "calibration.png"):
+        image = cv2.imread(str(model_dir / name))
+        assert image is not None and image.shape[0] > 100, name
+    assert "data:image/png;base64," in (model_dir / "report.html").read_text()
+
+    # a run killed after its first epoch's checkpoint resumes from there
+    run_dir = next((model_dir.parent / "_runs").glob("run-*"))
+    (run_dir / "registered").unlink()
+    resumed = run(train_job, capsys, "--lake", lake, "--dataset", "syn", "--epochs", "2", "--num-proc", "2",
+                  "--batch-size", "8", "--set", "train.filters=[4, 8]", "--set", "train.dense_units=8",
+                  "--resume")
+    assert (resumed["resumed_from_epoch"], resumed["epochs_run"], resumed["model_version"]) == (1, 1, 2)
+    assert resumed["ranks_identical"] is True
