@@ -334,25 +334,21 @@ def _merge_images(bronze, chosen: DataFrame, rows: DataFrame, dataset: str, uri:
         distinct, present, changed = tally["distinct"], tally["present"] or 0, tally["changed"] or 0
         on = f"t.dataset = '{dataset}' AND t.dataset = s.dataset AND t.image_id = s.image_id"
         inserted = updated = 0
+        before = lake.current_version(bronze)
         if distinct - present:
             lake.with_retry(lambda: bronze.alias("t").merge(rows.alias("s"), on)
                             .whenNotMatchedInsertAll().execute(), f"insert into {uri}")
-            inserted = _merge_metric(bronze, "numTargetRowsInserted")
         if changed:
             fixes = rows.join(F.broadcast(flagged.filter("changed").select("image_id")), "image_id")
             lake.with_retry(lambda: bronze.alias("t").merge(fixes.alias("s"), on).whenMatchedUpdate(set={
                 "label": "s.label", "group_id": "s.group_id", "attributes": "s.attributes",
                 "updated_at": "s.updated_at"}).execute(), f"update labels in {uri}")
-            updated = _merge_metric(bronze, "numTargetRowsUpdated")
+        if distinct - present or changed:
+            inserted = lake.commit_metric(bronze, before, "numTargetRowsInserted")
+            updated = lake.commit_metric(bronze, before, "numTargetRowsUpdated")
         return {"inserted": inserted, "updated": updated, "already_present": present, "distinct": distinct}
     finally:
         flagged.unpersist()
-
-
-def _merge_metric(table, name: str) -> int:
-    """A metric of the table's latest commit (this run's MERGE)."""
-    metrics = table.history(1).select("operationMetrics").first()[0]
-    return int(metrics.get(name, 0))
 
 
 def _merge_quarantine(spark: SparkSession, uri: str, rows: DataFrame, dataset: str) -> int:
@@ -365,6 +361,7 @@ def _merge_quarantine(spark: SparkSession, uri: str, rows: DataFrame, dataset: s
     new = rows.alias("s").join(existing, F.expr(key), "left_anti")
     if new.limit(1).count() == 0:
         return 0
+    before = lake.current_version(table)
     lake.with_retry(lambda: table.alias("t").merge(rows.alias("s"), f"t.dataset = '{dataset}' AND {key}")
                     .whenNotMatchedInsertAll().execute(), f"merge into {uri}")
-    return _merge_metric(table, "numTargetRowsInserted")
+    return lake.commit_metric(table, before, "numTargetRowsInserted")

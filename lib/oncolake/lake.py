@@ -130,6 +130,20 @@ def table_version(spark: SparkSession, uri: str) -> int:
     return int(DeltaTable.forPath(spark, uri).history(1).select("version").first()[0])
 
 
+def commit_metric(table: DeltaTable, after_version: int, name: str) -> int:
+    """Sum of an operation metric over the commits made after ``after_version``.
+
+    A MERGE with nothing to do may not commit at all, so reading only the
+    latest commit could report another run's numbers.
+    """
+    rows = table.history().filter(f"version > {after_version}").select("operationMetrics").collect()
+    return sum(int((r[0] or {}).get(name, 0)) for r in rows)
+
+
+def current_version(table: DeltaTable) -> int:
+    return int(table.history(1).select("version").first()[0])
+
+
 def append(df: DataFrame, uri: str, partition_by: tuple[str, ...] = ()) -> None:
     """Append ``df`` to the Delta table at ``uri`` (schema must match exactly)."""
     with_retry(lambda: df.write.format("delta").mode("append").partitionBy(*partition_by).save(uri),

@@ -62,13 +62,14 @@ def run(spark: SparkSession, cfg: Config, dataset: str, model_version: int | Non
         have = {r["ingest_date"]: r["count"] for r in images.groupBy("ingest_date").count().collect()}
         scored = {r["ingest_date"]: r["count"] for r in done.groupBy("ingest_date").count().collect()}
         dates = sorted(d for d, n in have.items() if score_all or n > scored.get(d, 0))
-    already = 0
     if not dates:
         return _summary(dataset, version, [], 0, 0, 0, predictions_uri, 0.0, threshold)
     in_dates = F.col("ingest_date").isin(dates)
     todo = images.filter(in_dates).select("image_id", "ingest_date", "content").join(
         done.filter(in_dates).select("image_id"), "image_id", "left_anti")
     already = done.filter(in_dates).count()
+    if todo.select("image_id").count() == 0:  # ids only: no image bytes read
+        return _summary(dataset, version, dates, 0, already, 0, predictions_uri, 0.0, threshold)
 
     model_bytes = lake.read_bytes(spark, f"{model_dir}/model.keras")
     shipped = spark.sparkContext.broadcast(model_bytes)
@@ -84,13 +85,13 @@ def run(spark: SparkSession, cfg: Config, dataset: str, model_version: int | Non
         F.lit(threshold).alias("threshold"), "error", F.lit(now).cast("timestamp").alias("scored_at"),
         "ingest_date")
     start = time.perf_counter()
+    before = lake.current_version(target)
     on = (f"t.dataset = '{dataset}' AND t.model_version = {version} AND t.dataset = s.dataset "
           "AND t.model_version = s.model_version AND t.image_id = s.image_id AND t.ingest_date = s.ingest_date")
     lake.with_retry(lambda: target.alias("t").merge(rows.alias("s"), on).whenNotMatchedInsertAll().execute(),
                     f"insert into {predictions_uri}")
     seconds = time.perf_counter() - start
-    metrics = target.history(1).select("operationMetrics").first()[0]
-    inserted = int(metrics.get("numTargetRowsInserted", 0))
+    inserted = lake.commit_metric(target, before, "numTargetRowsInserted")
     errors = (target.toDF().filter((F.col("dataset") == dataset) & (F.col("model_version") == version)
                                    & in_dates & F.col("error").isNotNull()).count())
     shipped.unpersist()
