@@ -12,6 +12,7 @@ if [ ! -x "$root/.venv/bin/spark-submit" ]; then
   echo "submit.sh: no environment: run scripts/setup.sh first" >&2
   exit 2
 fi
+mkdir -p "$root/var"
 export ONCOLAKE_ZIP="$("$root/scripts/package.sh")"
 export SPARK_LOCAL_IP="${SPARK_LOCAL_IP:-127.0.0.1}"
 # The launcher itself runs from lib/; the job runs from the zip it ships.

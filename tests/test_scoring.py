@@ -99,3 +99,65 @@ def test_an_undecodable_image_is_recorded_not_fatal(spark, tmp_path, capsys, sco
     assert summary["scored"] == 40 and summary["errors"] == 1
     row = spark.read.format("delta").load(summary["table"]).filter(f"image_id = '{victim}'").first()
     assert row.probability is None and row.predicted_label is None and row.error
+
+
+def test_catalog_views_answer_counts_and_joins_and_delta_rs_agrees(spark, capsys, scored_lake):
+    from deltalake import DeltaTable as RustDeltaTable
+
+    from oncolake import catalog
+    lake_dir, lake_uri, _ = scored_lake
+    run(score_job, capsys, "--lake", lake_dir, "--dataset", "syn")
+    declared = catalog.register(spark, lake_uri, database="oncolake_test")
+    assert set(declared) == {f"oncolake_test.{n}" for n in ("images", "predictions", "quarantine",
+                                                            "latest_predictions")}
+    assert "content" not in spark.table("oncolake_test.images").columns
+    counts = {r["ingest_date"].isoformat(): r["n"] for r in spark.sql(
+        "SELECT ingest_date, count(*) AS n FROM oncolake_test.latest_predictions GROUP BY ingest_date").collect()}
+    assert counts == {"2026-05-01": 20, "2026-05-02": 20}
+    joined = spark.sql("SELECT known_label, predicted_label FROM oncolake_test.latest_predictions").collect()
+    assert len(joined) == 40 and {r.known_label for r in joined} == {"benign", "malignant"}
+
+    # the same tables without Spark, through delta-rs
+    local = lake_uri.removeprefix("file:")
+    predictions = RustDeltaTable(local + "/gold/predictions").to_pyarrow_table()
+    images = RustDeltaTable(local + "/bronze/images").to_pyarrow_table(columns=["image_id", "dataset"])
+    assert predictions.num_rows == 40 and images.num_rows == 40
+    assert set(predictions.column("image_id").to_pylist()) == set(images.column("image_id").to_pylist())
+
+
+def test_predict_sh_prints_probability_label_and_version(spark, tmp_path, capsys, scored_lake):
+    import subprocess
+
+    from tests.conftest import ROOT
+    lake_dir, lake_uri, model_dir = scored_lake
+    image = next(p for p in (tmp_path / "2026-05-01").glob("*.png"))
+    text = tmp_path / "note.png"
+    text.write_text("not an image")
+    result = subprocess.run([str(ROOT / "scripts" / "predict.sh"), "--lake", lake_dir, "--dataset", "syn",
+                             str(image), str(text)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1  # one file was not an image
+    lines = result.stdout.strip().splitlines()
+    name, probability, label, version = lines[0].split("\t")
+    model = registry.load_model(spark, model_dir)
+    expected = float(model.predict(imaging.prepare(image.read_bytes(), 16, "stretch")[None], verbose=0)[0, 0])
+    assert float(probability) == pytest.approx(expected, abs=1e-4)
+    assert label == ("malignant" if expected >= 0.5 else "benign") and version == "model v1"
+    assert lines[1].startswith(str(text)) and "unsupported_format" in lines[1]
+    assert json.loads(lines[-1])["errors"] == 1
+
+
+def test_nightly_ingests_new_images_scores_them_and_logs_the_night(spark, tmp_path, capsys, scored_lake):
+    from jobs import nightly as nightly_job
+    lake_dir, lake_uri, _ = scored_lake
+    incoming = synthetic.write_dataset(tmp_path / "incoming", groups=3, per_group=2, seed=21, start=70)
+    args = ["--lake", lake_dir, "--set", "nightly.dataset=syn", "--set", f"nightly.incoming={incoming}"]
+    first = run(nightly_job, capsys, *args)
+    # the earlier two dates are caught up too (nothing was scored before), plus tonight's 6 images
+    assert (first["ingested"], first["scored"], first["errors"]) == (6, 46, 0)
+    assert 0.0 <= first["malignant_rate"] <= 1.0
+    second = run(nightly_job, capsys, *args)
+    assert (second["ingested"], second["scored"], second["malignant_rate"]) == (0, 0, None)
+    nights = spark.read.format("delta").load(first["run_log"]).orderBy("started_at").collect()
+    assert [(n.ingested, n.scored) for n in nights] == [(6, 46), (0, 0)]
+    page = (tmp_path / "lake" / "reports" / "nightly.html").read_text()
+    assert "data:image/png;base64," in page and "research" in page

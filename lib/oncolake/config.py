@@ -87,6 +87,14 @@ class ScoreConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class NightlyConfig:
+    dataset: str = ""
+    incoming: str = ""
+    labels: str = ""
+    nights_shown: int = 30
+
+
+@dataclasses.dataclass(frozen=True)
 class MlflowConfig:
     tracking_uri: str = ""
     experiment: str = "oncolake"
@@ -102,6 +110,7 @@ class Config:
     train: TrainConfig = TrainConfig()
     score: ScoreConfig = ScoreConfig()
     mlflow: MlflowConfig = MlflowConfig()
+    nightly: NightlyConfig = NightlyConfig()
 
 
 def default_conf_dir() -> Path:

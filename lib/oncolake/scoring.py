@@ -95,8 +95,18 @@ def run(spark: SparkSession, cfg: Config, dataset: str, model_version: int | Non
     errors = (target.toDF().filter((F.col("dataset") == dataset) & (F.col("model_version") == version)
                                    & in_dates & F.col("error").isNotNull()).count())
     shipped.unpersist()
+    _declare_tables(spark, lake_uri)
     return _summary(dataset, version, dates, inserted, already, errors, predictions_uri,
                     inserted / seconds if seconds > 0 else 0.0, threshold)
+
+
+def _declare_tables(spark: SparkSession, lake_uri: str) -> None:
+    """Keep the analysts' catalog views current; scoring itself does not depend on it."""
+    from oncolake import catalog
+    try:
+        catalog.register(spark, lake_uri)
+    except Exception as err:  # a busy or unreachable metastore must not fail the night
+        log.warning("could not declare catalog tables: %s", str(err).splitlines()[0][:200])
 
 
 def _parse_date(value: str) -> dt.date:

@@ -45,7 +45,11 @@ def command(job: str, args: Sequence[str], zip_path: str, python: str,
            "--py-files", zip_path,
            "--conf", f"spark.pyspark.python={python}",
            "--conf", f"spark.pyspark.driver.python={python}",
-           "--driver-java-options", f"-Dlog4j2.configurationFile=file:{ROOT / 'conf' / 'log4j2.properties'}"]
+           # an embedded Derby metastore in var/ unless the configuration names a shared one
+           "--conf", "spark.sql.catalogImplementation=hive",
+           "--conf", f"spark.sql.warehouse.dir={ROOT / 'var' / 'warehouse'}",
+           "--driver-java-options", f"-Dlog4j2.configurationFile=file:{ROOT / 'conf' / 'log4j2.properties'} "
+                                    f"-Dderby.system.home={ROOT / 'var'}"]
     for key, value in {**session.DELTA_CONF, **cfg.spark.conf}.items():
         cmd += ["--conf", f"{key}={value}"]
     job_args = ["--env", known.env, "--conf-dir", str(ROOT / "conf")] + [a for s in known.set for a in ("--set", s)]

@@ -1,0 +1,93 @@
+"""Predict single images with a registered model, without Spark (scripts/predict.sh).
+
+    scripts/predict.sh --lake lake --dataset busi [--model 2] IMAGE [IMAGE ...]
+
+Prints one line per image (probability of malignant, label at the model's
+stored threshold, model version) and a JSON summary last. Uses the same
+validation and preprocessing as the pipeline. Research use only.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import urllib.parse
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from oncolake import cli, imaging, registry
+from oncolake.config import Config
+from oncolake.errors import InputError
+
+
+def read_lake_file(cfg: Config, uri: str) -> bytes:
+    """A small file of the lake: local path, file: URI, or hdfs: through WebHDFS."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        path = Path(parsed.path if parsed.scheme else uri)
+        if not path.is_file():
+            raise InputError(f"{uri} does not exist")
+        return path.read_bytes()
+    if parsed.scheme == "hdfs":
+        from hdfs import InsecureClient
+        client = InsecureClient(cfg.hdfs.webhdfs_url, user=cfg.hdfs.user)
+        with client.read(parsed.path) as reader:
+            return reader.read()
+    raise InputError(f"cannot read {uri} without Spark (scheme {parsed.scheme})")
+
+
+def list_versions(cfg: Config, root: str) -> list[int]:
+    parsed = urllib.parse.urlparse(root)
+    if parsed.scheme in ("", "file"):
+        folder = Path(parsed.path if parsed.scheme else root)
+        names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+    else:
+        from hdfs import InsecureClient
+        names = InsecureClient(cfg.hdfs.webhdfs_url, user=cfg.hdfs.user).list(parsed.path, status=False)
+    return sorted(int(n[1:]) for n in names if n.startswith("v") and n[1:].isdigit())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = cli.parser("predict", __doc__)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--model", type=int, help="model version (default: the newest)")
+    p.add_argument("images", nargs="+")
+    args = p.parse_args(argv)
+    try:
+        cfg = cli.load_config(args)
+        lake_uri = cfg.lake if "://" in cfg.lake or cfg.lake.startswith("file:") else str(Path(cfg.lake).resolve())
+        root = registry.models_root(lake_uri, args.dataset)
+        version = args.model or (list_versions(cfg, root) or [None])[-1]
+        if version is None:
+            raise InputError(f"no registered model under {root}")
+        model_dir = f"{root}/v{version}"
+        record = json.loads(read_lake_file(cfg, f"{model_dir}/model.json"))
+        threshold = json.loads(read_lake_file(cfg, f"{model_dir}/metrics.json"))["threshold"]
+        model = registry.load_model_bytes(read_lake_file(cfg, f"{model_dir}/model.keras"))
+    except Exception as err:  # every failure ends as one line and an exit code
+        return cli.fail("predict", err)
+    failures = 0
+    results = []
+    for name in args.images:
+        path = Path(name)
+        data = path.read_bytes() if path.is_file() else b""
+        verdict = imaging.inspect(data, cfg.ingest.max_pixels, cfg.ingest.min_side) if data else None
+        if verdict is None or not verdict.ok:
+            reason = "not a readable file" if verdict is None else f"{verdict.reason}: {verdict.detail}"
+            print(f"{name}\terror\t{reason}", flush=True)
+            failures += 1
+            continue
+        tensor = imaging.prepare(data, record["size"], record["resize"])
+        probability = float(model.predict(np.expand_dims(tensor, 0), verbose=0).ravel()[0])
+        label = "malignant" if probability >= threshold else "benign"
+        results.append({"image": name, "probability": round(probability, 4), "label": label})
+        print(f"{name}\t{probability:.4f}\t{label}\tmodel v{version}", flush=True)
+    cli.emit({"job": "predict", "dataset": args.dataset, "model_version": version, "threshold": threshold,
+              "predicted": len(results), "errors": failures,
+              "notice": "research use only; not a diagnosis"})
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
