@@ -10,7 +10,7 @@ and report.html into the model's folder, and logs them to MLflow.
 """
 import sys
 
-from oncolake import cli, evaluation, session
+from oncolake import cli, evaluation
 
 
 def main(argv=None) -> int:
@@ -18,17 +18,8 @@ def main(argv=None) -> int:
     p.add_argument("--dataset", required=True)
     p.add_argument("--model", type=int, help="model version (default: the newest)")
     args = p.parse_args(argv)
-    spark = None
-    try:
-        cfg = cli.load_config(args)
-        spark = session.build("evaluate", cfg)
-        cli.emit(evaluation.run(spark, cfg, dataset=args.dataset, model_version=args.model))
-        return 0
-    except Exception as err:  # every failure ends as one line and an exit code
-        return cli.fail("evaluate", err)
-    finally:
-        if spark is not None:
-            session.stop(spark)
+    return cli.run_job("evaluate", args, lambda spark, cfg: evaluation.run(
+        spark, cfg, dataset=args.dataset, model_version=args.model))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ nothing.
 """
 import sys
 
-from oncolake import cli, ingest, session
+from oncolake import cli, ingest
 
 
 def main(argv=None) -> int:
@@ -21,18 +21,9 @@ def main(argv=None) -> int:
     p.add_argument("--labels", help="labels CSV (URI or path); path relative to --input")
     p.add_argument("--ingest-date", help="YYYY-MM-DD partition (default: today, UTC)")
     args = p.parse_args(argv)
-    spark = None
-    try:
-        cfg = cli.load_config(args)
-        spark = session.build("ingest", cfg)
-        cli.emit(ingest.run(spark, cfg, dataset=args.dataset, source=args.input,
-                            labels=args.labels, ingest_date=args.ingest_date))
-        return 0
-    except Exception as err:  # every failure ends as one line and an exit code
-        return cli.fail("ingest", err)
-    finally:
-        if spark is not None:
-            session.stop(spark)
+    return cli.run_job("ingest", args, lambda spark, cfg: ingest.run(
+        spark, cfg, dataset=args.dataset, source=args.input, labels=args.labels,
+        ingest_date=args.ingest_date))
 
 
 if __name__ == "__main__":

@@ -7,24 +7,14 @@ bronze.images, gold.predictions, gold.nightly_runs and LAKE/reports/nightly.html
 """
 import sys
 
-from oncolake import cli, nightly, session
+from oncolake import cli, nightly
 
 
 def main(argv=None) -> int:
     p = cli.parser("nightly", __doc__)
     p.add_argument("--model", type=int, help="model version (default: the newest)")
     args = p.parse_args(argv)
-    spark = None
-    try:
-        cfg = cli.load_config(args)
-        spark = session.build("nightly", cfg)
-        cli.emit(nightly.run(spark, cfg, model_version=args.model))
-        return 0
-    except Exception as err:  # every failure ends as one line and an exit code
-        return cli.fail("nightly", err)
-    finally:
-        if spark is not None:
-            session.stop(spark)
+    return cli.run_job("nightly", args, lambda spark, cfg: nightly.run(spark, cfg, model_version=args.model))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ existing version reported. Exit 3 if there is nothing to learn from.
 """
 import sys
 
-from oncolake import cli, preprocess, session
+from oncolake import cli, preprocess
 
 
 def main(argv=None) -> int:
@@ -21,17 +21,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.size is not None:
         args.set.append(f"preprocess.size={args.size}")
-    spark = None
-    try:
-        cfg = cli.load_config(args)
-        spark = session.build("preprocess", cfg)
-        cli.emit(preprocess.run(spark, cfg, dataset=args.dataset))
-        return 0
-    except Exception as err:  # every failure ends as one line and an exit code
-        return cli.fail("preprocess", err)
-    finally:
-        if spark is not None:
-            session.stop(spark)
+    return cli.run_job("preprocess", args, lambda spark, cfg: preprocess.run(
+        spark, cfg, dataset=args.dataset))
 
 
 if __name__ == "__main__":

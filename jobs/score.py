@@ -9,7 +9,7 @@ LAKE/gold/predictions. A rerun adds nothing.
 """
 import sys
 
-from oncolake import cli, scoring, session
+from oncolake import cli, scoring
 
 
 def main(argv=None) -> int:
@@ -20,18 +20,9 @@ def main(argv=None) -> int:
     which.add_argument("--ingest-date", help="score this partition only (YYYY-MM-DD)")
     which.add_argument("--all", action="store_true", help="look at every partition, scored or not")
     args = p.parse_args(argv)
-    spark = None
-    try:
-        cfg = cli.load_config(args)
-        spark = session.build("score", cfg)
-        cli.emit(scoring.run(spark, cfg, dataset=args.dataset, model_version=args.model,
-                             ingest_date=args.ingest_date, score_all=args.all))
-        return 0
-    except Exception as err:  # every failure ends as one line and an exit code
-        return cli.fail("score", err)
-    finally:
-        if spark is not None:
-            session.stop(spark)
+    return cli.run_job("score", args, lambda spark, cfg: scoring.run(
+        spark, cfg, dataset=args.dataset, model_version=args.model, ingest_date=args.ingest_date,
+        score_all=args.all))
 
 
 if __name__ == "__main__":

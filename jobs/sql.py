@@ -8,7 +8,7 @@ table, then the one-line JSON summary.
 """
 import sys
 
-from oncolake import catalog, cli, lake, session
+from oncolake import catalog, cli, lake
 
 
 def main(argv=None) -> int:
@@ -16,22 +16,16 @@ def main(argv=None) -> int:
     p.add_argument("query", help="a Spark SQL query")
     p.add_argument("--limit", type=int, default=1000, help="at most this many rows are printed")
     args = p.parse_args(argv)
-    spark = None
-    try:
-        cfg = cli.load_config(args)
-        spark = session.build("sql", cfg)
+
+    def query(spark, cfg) -> dict:
         declared = catalog.register(spark, lake.qualify(spark, cfg.lake))
         result = spark.sql(args.query)
         rows = result.limit(args.limit + 1).collect()
         print(result._jdf.showString(min(len(rows), args.limit), 0, False), end="")
-        cli.emit({"job": "sql", "rows": min(len(rows), args.limit), "truncated": len(rows) > args.limit,
-                  "tables": declared})
-        return 0
-    except Exception as err:  # every failure ends as one line and an exit code
-        return cli.fail("sql", err)
-    finally:
-        if spark is not None:
-            session.stop(spark)
+        return {"job": "sql", "rows": min(len(rows), args.limit), "truncated": len(rows) > args.limit,
+                "tables": declared}
+
+    return cli.run_job("sql", args, query)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ unfinished run from its last checkpoint.
 """
 import sys
 
-from oncolake import cli, session, training
+from oncolake import cli, training
 
 
 def main(argv=None) -> int:
@@ -24,18 +24,8 @@ def main(argv=None) -> int:
     for option, key in (("epochs", "epochs"), ("num_proc", "num_proc"), ("batch_size", "batch_size")):
         if getattr(args, option) is not None:
             args.set.append(f"train.{key}={getattr(args, option)}")
-    spark = None
-    try:
-        cfg = cli.load_config(args)
-        spark = session.build("train", cfg)
-        cli.emit(training.run(spark, cfg, dataset=args.dataset, tensors_version=args.tensors_version,
-                              resume=args.resume))
-        return 0
-    except Exception as err:  # every failure ends as one line and an exit code
-        return cli.fail("train", err)
-    finally:
-        if spark is not None:
-            session.stop(spark)
+    return cli.run_job("train", args, lambda spark, cfg: training.run(
+        spark, cfg, dataset=args.dataset, tensors_version=args.tensors_version, resume=args.resume))
 
 
 if __name__ == "__main__":

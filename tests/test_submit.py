@@ -56,3 +56,22 @@ def test_submit_sh_runs_ingest_through_spark_submit(tmp_path):
     assert bad.returncode == 1
     last = bad.stdout.strip().splitlines()[-1]
     assert "ingest failed: input folder" in last and not last.startswith("{")
+
+
+@pytest.mark.slow
+def test_sql_sh_answers_a_count_and_a_join_from_the_hive_catalog(tmp_path):
+    data = write_dataset(tmp_path / "in", groups=3, per_group=2, seed=5)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYSPARK", "SPARK_"))}
+    lake = str(tmp_path / "lake")
+    subprocess.run([str(ROOT / "scripts" / "submit.sh"), "ingest", "--lake", lake, "--dataset", "syn",
+                    "--input", str(data), "--labels", str(data / "labels.csv")],
+                   check=True, capture_output=True, env=env, timeout=600)
+    query = ("SELECT i.label, count(*) AS n FROM oncolake.images i JOIN oncolake.images j "
+             "ON i.image_id = j.image_id GROUP BY i.label ORDER BY i.label")
+    result = subprocess.run([str(ROOT / "scripts" / "sql.sh"), "--lake", lake, query],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert json.loads(lines[-1])["rows"] == 2
+    table = [line.replace(" ", "") for line in lines if line.startswith("|")]
+    assert table == ["|label|n|", "|benign|4|", "|malignant|2|"]

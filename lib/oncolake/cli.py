@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable
 
 from oncolake import config
 from oncolake.errors import OncolakeError
@@ -75,3 +75,25 @@ def fail(job: str, err: BaseException) -> int:
     return 1
 
 
+
+
+def run_job(job: str, args: argparse.Namespace, work: Callable[[Any, config.Config], dict[str, Any]]) -> int:
+    """What every job does around its one library call.
+
+    Resolves and logs the configuration, builds the session, runs ``work``,
+    prints its summary as the last stdout line, maps any failure to one
+    error line and an exit code, and stops the session (if it started it) in
+    ``finally``.
+    """
+    from oncolake import session
+    spark = None
+    try:
+        cfg = load_config(args)
+        spark = session.build(job, cfg)
+        emit(work(spark, cfg))
+        return 0
+    except Exception as err:  # every failure ends as one line and an exit code
+        return fail(job, err)
+    finally:
+        if spark is not None:
+            session.stop(spark)

@@ -84,12 +84,22 @@ def run(spark: SparkSession, cfg: Config, dataset: str, model_version: int | Non
         .otherwise((F.col("probability") >= threshold).cast("int")).alias("predicted_label"),
         F.lit(threshold).alias("threshold"), "error", F.lit(now).cast("timestamp").alias("scored_at"),
         "ingest_date")
+    # Image rows are large: a bounded Arrow batch keeps each Python worker's memory small.
+    arrow_key = "spark.sql.execution.arrow.maxRecordsPerBatch"
+    previous = spark.conf.get(arrow_key, None)
+    spark.conf.set(arrow_key, str(cfg.score.arrow_batch_rows))
     start = time.perf_counter()
     before = lake.current_version(target)
     on = (f"t.dataset = '{dataset}' AND t.model_version = {version} AND t.dataset = s.dataset "
           "AND t.model_version = s.model_version AND t.image_id = s.image_id AND t.ingest_date = s.ingest_date")
-    lake.with_retry(lambda: target.alias("t").merge(rows.alias("s"), on).whenNotMatchedInsertAll().execute(),
-                    f"insert into {predictions_uri}")
+    try:
+        lake.with_retry(lambda: target.alias("t").merge(rows.alias("s"), on).whenNotMatchedInsertAll().execute(),
+                        f"insert into {predictions_uri}")
+    finally:
+        if previous is None:
+            spark.conf.unset(arrow_key)
+        else:
+            spark.conf.set(arrow_key, previous)
     seconds = time.perf_counter() - start
     inserted = lake.commit_metric(target, before, "numTargetRowsInserted")
     errors = (target.toDF().filter((F.col("dataset") == dataset) & (F.col("model_version") == version)
