@@ -16,6 +16,12 @@ os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 
+# TensorFlow's absl logging binds sys.stderr when it is first imported. Imported
+# inside a test, that is the test's capture stream, closed when the test ends,
+# and a later TensorFlow log line then kills the interpreter ("lost
+# sys.stderr"). Imported here, it binds the session's stream.
+import tensorflow  # noqa: E402,F401
+
 
 def shared_dataset(name: str) -> Path:
     """A real data set from ../shared/data, or skip where this checkout has none."""

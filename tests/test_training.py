@@ -1,5 +1,7 @@
 """Training: the model, and Horovod on Spark with two ranks (slow)."""
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import cv2
@@ -8,10 +10,8 @@ import pytest
 
 from jobs import ingest as ingest_job
 from jobs import preprocess as preprocess_job
-from jobs import evaluate as evaluate_job
-from jobs import train as train_job
 from oncolake import config, synthetic, training
-from tests.conftest import last_json
+from tests.conftest import ROOT, last_json
 
 
 def test_model_takes_uint8_and_normalises_inside():
@@ -36,16 +36,29 @@ def run(job, capsys, *args):
     return last_json(captured.out)
 
 
+def submit(*args):
+    """Run a job through scripts/submit.sh, as users do. Horovod, MLflow and
+    TensorFlow then run outside the test process: in it, something they do closes
+    pytest's capture stream (the run fails with "I/O operation on closed file")."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYSPARK", "SPARK_"))}
+    result = subprocess.run([str(ROOT / "scripts" / "submit.sh"), *args], capture_output=True, text=True,
+                            env=env, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return last_json(result.stdout)
+
+
 @pytest.mark.slow
 def test_horovod_two_ranks_train_one_epoch_with_identical_weights(spark, tmp_path, capsys):
     import tensorflow as tf
     folder, lake = tmp_path / "in", str(tmp_path / "lake")
-    synthetic.write_dataset(folder, groups=30, per_group=2, seed=3, malignant_every=2)
+    # no patient column: group_id is null, as in BUSI
+    synthetic.write_dataset(folder, groups=30, per_group=2, seed=3, malignant_every=2, with_groups=False)
     run(ingest_job, capsys, "--lake", lake, "--dataset", "syn", "--input", str(folder),
         "--labels", str(folder / "labels.csv"))
     run(preprocess_job, capsys, "--lake", lake, "--dataset", "syn", "--size", "16")
-    summary = run(train_job, capsys, "--lake", lake, "--dataset", "syn", "--epochs", "1", "--num-proc", "2",
-                  "--batch-size", "8", "--set", "train.filters=[4, 8]", "--set", "train.dense_units=8")
+    summary = submit("train", "--master", "local[2]", "--lake", lake, "--dataset", "syn", "--epochs", "1",
+                     "--num-proc", "2", "--batch-size", "8", "--set", "train.filters=[4, 8]",
+                     "--set", "train.dense_units=8")
     assert (summary["num_proc"], summary["epochs_run"], summary["model_version"]) == (2, 1, 1)
     assert summary["ranks_identical"] is True
     model_dir = Path(summary["model_uri"].removeprefix("file:"))
@@ -56,7 +69,7 @@ def test_horovod_two_ranks_train_one_epoch_with_identical_weights(spark, tmp_pat
     assert (model_dir / "tensorboard").is_dir()
 
     # evaluation writes its report beside the model
-    result = run(evaluate_job, capsys, "--lake", lake, "--dataset", "syn")
+    result = submit("evaluate", "--master", "local[2]", "--lake", lake, "--dataset", "syn")
     assert result["model_version"] == 1 and 0.0 <= result["auc"] <= 1.0
     metrics = json.loads((model_dir / "metrics.json").read_text())
     assert metrics["threshold"] == result["threshold"]
@@ -68,8 +81,8 @@ def test_horovod_two_ranks_train_one_epoch_with_identical_weights(spark, tmp_pat
     # a run killed after its first epoch's checkpoint resumes from there
     run_dir = next((model_dir.parent / "_runs").glob("run-*"))
     (run_dir / "registered").unlink()
-    resumed = run(train_job, capsys, "--lake", lake, "--dataset", "syn", "--epochs", "2", "--num-proc", "2",
-                  "--batch-size", "8", "--set", "train.filters=[4, 8]", "--set", "train.dense_units=8",
-                  "--resume")
+    resumed = submit("train", "--master", "local[2]", "--lake", lake, "--dataset", "syn", "--epochs", "2",
+                     "--num-proc", "2", "--batch-size", "8", "--set", "train.filters=[4, 8]",
+                     "--set", "train.dense_units=8", "--resume")
     assert (resumed["resumed_from_epoch"], resumed["epochs_run"], resumed["model_version"]) == (1, 1, 2)
     assert resumed["ranks_identical"] is True

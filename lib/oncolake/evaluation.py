@@ -152,7 +152,8 @@ def read_split(url: str):
     """(image ids, uint8 images, labels) of one tensor split, read through Petastorm."""
     from petastorm import make_reader
     ids, images, labels = [], [], []
-    with make_reader(url, num_epochs=1, shuffle_row_groups=False, reader_pool_type="dummy") as reader:
+    with make_reader(url, schema_fields=["image_id", "image", "label"], num_epochs=1, shuffle_row_groups=False,
+                     reader_pool_type="dummy") as reader:
         for row in reader:
             ids.append(row.image_id)
             images.append(row.image)

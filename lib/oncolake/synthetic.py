@@ -30,10 +30,11 @@ def lesion(rng: np.random.Generator, malignant: bool) -> np.ndarray:
 
 
 def write_dataset(folder: str | Path, groups: int, per_group: int, seed: int, start: int = 0,
-                  malignant_every: int = 4) -> Path:
-    """Write (or extend) a folder of PNGs plus labels.csv (path, label, patient_id).
+                  malignant_every: int = 4, with_groups: bool = True) -> Path:
+    """Write (or extend) a folder of PNGs plus labels.csv (path, label[, patient_id]).
 
-    Patient ``g`` is malignant when ``g % malignant_every == 0``.
+    Patient ``g`` is malignant when ``g % malignant_every == 0``. Without
+    groups the CSV has no patient column (like BUSI).
     """
     folder = Path(folder)
     rng = np.random.default_rng(seed)
@@ -42,7 +43,7 @@ def write_dataset(folder: str | Path, groups: int, per_group: int, seed: int, st
     with open(folder / "labels.csv", "a", newline="") as handle:
         writer = csv.writer(handle)
         if new:
-            writer.writerow(["path", "label", "patient_id"])
+            writer.writerow(["path", "label", "patient_id"][:3 if with_groups else 2])
         for g in range(start, start + groups):
             malignant = g % malignant_every == 0
             for i in range(per_group):
@@ -51,7 +52,8 @@ def write_dataset(folder: str | Path, groups: int, per_group: int, seed: int, st
                 if not ok:
                     raise ValueError(f"could not encode {name}")
                 (folder / name).write_bytes(buf.tobytes())
-                writer.writerow([name, "malignant" if malignant else "benign", f"P{g:03d}"])
+                row = [name, "malignant" if malignant else "benign", f"P{g:03d}"]
+                writer.writerow(row[:3 if with_groups else 2])
     return folder
 
 

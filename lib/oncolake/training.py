@@ -146,9 +146,11 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
         return dataset.map(lambda row: (row.image, tf.cast(row.label, tf.float32)))
 
     start = time.perf_counter()
-    with make_reader(spec["train_url"], num_epochs=None, cur_shard=rank, shard_count=size,
+    # Only image and label: group_id may be null (no lesion or patient ids), which TensorFlow refuses.
+    fields = ["image", "label"]
+    with make_reader(spec["train_url"], schema_fields=fields, num_epochs=None, cur_shard=rank, shard_count=size,
                      shuffle_row_groups=True, seed=tcfg.seed + rank, reader_pool_type="dummy") as train_reader, \
-            make_reader(spec["val_url"], num_epochs=None, shuffle_row_groups=False,
+            make_reader(spec["val_url"], schema_fields=fields, num_epochs=None, shuffle_row_groups=False,
                         reader_pool_type="dummy") as val_reader:
         train = pairs(make_petastorm_dataset(train_reader)).shuffle(512, seed=tcfg.seed).batch(spec["batch_size"])
         val = pairs(make_petastorm_dataset(val_reader)).batch(spec["batch_size"])
@@ -171,7 +173,6 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
 def run(spark: SparkSession, cfg: Config, dataset: str, tensors_version: int | None = None,
         resume: bool = False) -> dict[str, Any]:
     """Train on a tensor dataset version and register the model as the next version."""
-    import horovod.spark
     tcfg = cfg.train
     lake_uri = lake.qualify(spark, cfg.lake)
     versions = preprocess.published_versions(spark, lake_uri, dataset)
@@ -205,8 +206,7 @@ def run(spark: SparkSession, cfg: Config, dataset: str, tensors_version: int | N
     log.info("training %s on tensors v%d with %d processes, %d steps per epoch", dataset, tensors_version,
              num_proc, spec["steps_per_epoch"])
     start = time.perf_counter()
-    results = horovod.spark.run(train_worker, args=(spec,), num_proc=num_proc, use_gloo=True,
-                                verbose=0)
+    results = _run_horovod(train_worker, spec, num_proc)
     seconds = time.perf_counter() - start
     chief = next(r for r in results if r["rank"] == 0)
     history = chief["history"]
@@ -238,6 +238,24 @@ def run(spark: SparkSession, cfg: Config, dataset: str, tensors_version: int | N
             "images_per_sec": record["images_per_sec"], "tensors_version": tensors_version,
             "ranks_identical": len(record["weights_digests"]) == 1,
             "resumed_from_epoch": chief["initial_epoch"]}
+
+
+def _run_horovod(fn, spec: dict[str, Any], num_proc: int) -> list[dict[str, Any]]:
+    """horovod.spark.run with oncolake's code shipped inside the pickled function.
+
+    Horovod starts each rank in a new Python process that sees neither the
+    --py-files zip nor the driver's paths, so the package is pickled by value
+    (cloudpickle, as Horovod uses) rather than by reference to a module.
+    """
+    import cloudpickle
+    import horovod.spark
+
+    import oncolake
+    cloudpickle.register_pickle_by_value(oncolake)
+    try:
+        return horovod.spark.run(fn, args=(spec,), num_proc=num_proc, use_gloo=True, verbose=0)
+    finally:
+        cloudpickle.unregister_pickle_by_value(oncolake)
 
 
 def _run_dir(local_root: Path, resume: bool) -> Path:
