@@ -139,7 +139,8 @@ def _run(spark, cfg, dataset, lake_uri, source_version, labelled) -> dict[str, A
         }
         parts = {"train": train, "val": good.filter(F.col("split") == "val"),
                  "test": good.filter(F.col("split") == "test")}
-        version = _publish(spark, lake_uri, dataset, version, parts, manifest, splits_uri, good)
+        version = _publish(spark, lake_uri, dataset, version, parts, manifest, splits_uri, good,
+                           pcfg.rows_per_row_group)
         manifest["version"] = version
         return _summary(dataset, version, tensors_root(lake_uri, dataset), manifest, created=True)
     finally:
@@ -292,14 +293,14 @@ def _balance(train: DataFrame, counts: dict[str, int], pcfg: PreprocessConfig) -
 
 
 def _publish(spark: SparkSession, lake_uri: str, dataset: str, version: int, parts: dict[str, DataFrame],
-             manifest: dict[str, Any], splits_uri: str, good: DataFrame) -> int:
+             manifest: dict[str, Any], splits_uri: str, good: DataFrame, rows_per_group: int) -> int:
     """Write the splits under a temporary name, record lineage, then rename into place."""
     from petastorm.etl.dataset_metadata import materialize_dataset
     root = tensors_root(lake_uri, dataset)
     tmp = f"{root}/_tmp-v{version}-{uuid.uuid4().hex[:8]}"
     schema = tensor_schema(manifest["size"])
     row_bytes = manifest["size"] ** 2 * 3 + 128
-    group_mb = max(1, math.ceil(256 * row_bytes / 2 ** 20))
+    group_mb = max(1, math.ceil(rows_per_group * row_bytes / 2 ** 20))
     try:
         for split, frame in parts.items():
             rows = manifest["balancing"]["after"] if split == "train" else manifest["class_counts"][split]
