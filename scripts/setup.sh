@@ -69,8 +69,13 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/pip install -q --no-index --find-links "$wheels" \
       -r conf/requirements.txt "$horovod_spec"
   step="check the Horovod build"
-  .venv/bin/horovodrun --check-build 2>/dev/null | grep -q '\[X\] TensorFlow' \
-    || { log "Horovod was built without TensorFlow"; exit 1; }
+  # Capture first: `horovodrun | grep -q` under pipefail fails at random when
+  # grep exits early and horovodrun dies of SIGPIPE.
+  check="$(.venv/bin/horovodrun --check-build 2>&1)" \
+    || { log "horovodrun --check-build failed:"; echo "$check" | tail -20 >&2; exit 1; }
+  if ! grep -q '\[X\] TensorFlow' <<<"$check"; then
+    log "Horovod was built without TensorFlow:"; echo "$check" | grep -v '^20..-' >&2; exit 1
+  fi
   touch "$stamp"
 fi
 
