@@ -3,6 +3,7 @@
 # spark://127.0.0.1:7077 (UI :8080) and 2 workers of 1 core each.
 #
 #   scripts/cluster.sh start|stop|status
+#   scripts/cluster.sh kill-worker N    # SIGKILL worker N and its executors (fault drills)
 #
 # Logs and work folders under var/cluster (ignored). `stop` leaves nothing running.
 set -euo pipefail
@@ -58,6 +59,19 @@ case "${1:-}" in
     done
     echo "cluster.sh: stopped"
     ;;
+  kill-worker)
+    pidfile="$state/worker${2:?usage: cluster.sh kill-worker N}.pid"
+    alive "$pidfile" || { echo "cluster.sh: worker $2 is not running" >&2; exit 3; }
+    pid="$(cat "$pidfile")"
+    tree="$pid"; frontier="$pid"
+    while [ -n "$frontier" ]; do  # the worker, its executors and their Python workers
+      frontier="$(for p in $frontier; do pgrep -P "$p" || true; done | tr '\n' ' ' | xargs)"
+      tree="$tree $frontier"
+    done
+    kill -9 $tree 2>/dev/null || true
+    rm -f "$pidfile"
+    echo "cluster.sh: killed worker $2 (pids $tree)"
+    ;;
   status)
     if alive "$state/master.pid"; then
       echo "cluster.sh: master up, $(workers_alive) workers alive"
@@ -66,5 +80,5 @@ case "${1:-}" in
       exit 3
     fi
     ;;
-  *) echo "usage: scripts/cluster.sh start|stop|status" >&2; exit 2 ;;
+  *) echo "usage: scripts/cluster.sh start|stop|status|kill-worker N" >&2; exit 2 ;;
 esac

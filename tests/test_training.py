@@ -80,9 +80,13 @@ def test_horovod_two_ranks_train_one_epoch_with_identical_weights(spark, tmp_pat
 
     # a run killed after its first epoch's checkpoint resumes from there
     run_dir = next((model_dir.parent / "_runs").glob("run-*"))
+    assert json.loads((run_dir / "state.json").read_text()) == {"epochs_done": 1}
+    assert (run_dir / "last.weights.h5").stat().st_size > 0 and (run_dir / "best.weights.h5").exists()
+    assert (run_dir / "registered").read_text() == summary["model_uri"]
     (run_dir / "registered").unlink()
     resumed = submit("train", "--master", "local[2]", "--lake", lake, "--dataset", "syn", "--epochs", "2",
                      "--num-proc", "2", "--batch-size", "8", "--set", "train.filters=[4, 8]",
                      "--set", "train.dense_units=8", "--resume")
     assert (resumed["resumed_from_epoch"], resumed["epochs_run"], resumed["model_version"]) == (1, 1, 2)
     assert resumed["ranks_identical"] is True
+    assert json.loads((run_dir / "state.json").read_text()) == {"epochs_done": 2}

@@ -148,12 +148,12 @@ def calibration(labels, scores, bins: int = 10) -> dict[str, list[float]]:
 
 # --- the evaluate job -----------------------------------------------------------
 
-def read_split(url: str):
+def read_split(url: str, filesystem=None):
     """(image ids, uint8 images, labels) of one tensor split, read through Petastorm."""
     from petastorm import make_reader
     ids, images, labels = [], [], []
     with make_reader(url, schema_fields=["image_id", "image", "label"], num_epochs=1, shuffle_row_groups=False,
-                     reader_pool_type="dummy") as reader:
+                     reader_pool_type="dummy", filesystem=filesystem) as reader:
         for row in reader:
             ids.append(row.image_id)
             images.append(row.image)
@@ -174,7 +174,8 @@ def run(spark, cfg, dataset: str, model_version: int | None = None) -> dict[str,
     tensors = f"{preprocess.tensors_root(lake_uri, dataset)}/v{record['tensors_version']}"
     scores = {}
     for split in ("val", "test"):
-        _, images, labels = read_split(registry.petastorm_url(f"{tensors}/split={split}"))
+        url = registry.petastorm_url(f"{tensors}/split={split}")
+        _, images, labels = read_split(url, lake.petastorm_filesystem(url, cfg.hdfs.webhdfs_url, cfg.hdfs.user))
         scores[split] = (labels, model.predict(images, batch_size=cfg.score.batch_size, verbose=0).ravel())
     rule = cfg.train.threshold_rule
     threshold = choose_threshold(*scores["val"], rule=rule, target_sensitivity=cfg.train.target_sensitivity)

@@ -1,13 +1,17 @@
 """The lake's layout and storage: URIs, Hadoop file system calls, Delta writes.
 
 Every path is a URI resolved by Hadoop on the driver (file:, hdfs:, s3a:), so
-the same code runs with the lake on local disk or on HDFS.
+the same code runs with the lake on local disk or on HDFS. Python code
+outside the JVM (Petastorm readers, Horovod ranks) reaches the same URIs
+through :func:`python_fs`: the local disk, or HDFS over WebHDFS, which needs
+no Hadoop client or libhdfs on the machine.
 """
 from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
+from urllib.parse import urlparse
 
 from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
@@ -88,13 +92,6 @@ def read_bytes(spark: SparkSession, uri: str) -> bytes:
         stream.close()
 
 
-def copy_from_local(spark: SparkSession, local: str, uri: str) -> None:
-    """Copy a local file or folder into the lake."""
-    jvm = spark.sparkContext._jvm
-    path, fs = _hadoop_path(spark, uri)
-    fs.copyFromLocalFile(False, True, jvm.org.apache.hadoop.fs.Path(local), path)
-
-
 def rename(spark: SparkSession, src: str, dst: str) -> bool:
     """Atomic rename on HDFS and local disk; False if ``dst`` exists or ``src`` doesn't."""
     src_path, fs = _hadoop_path(spark, src)
@@ -113,6 +110,46 @@ def list_dir(spark: SparkSession, uri: str) -> list[str]:
     if not fs.exists(path):
         return []
     return sorted(str(s.getPath().getName()) for s in fs.listStatus(path))
+
+
+def copy(spark: SparkSession, src: str, dst: str) -> None:
+    """Copy a file or folder within the lake (or between Hadoop file systems)."""
+    src_path, src_fs = _hadoop_path(spark, src)
+    dst_path, dst_fs = _hadoop_path(spark, dst)
+    spark.sparkContext._jvm.org.apache.hadoop.fs.FileUtil.copy(
+        src_fs, src_path, dst_fs, dst_path, False, spark.sparkContext._jsc.hadoopConfiguration())
+
+
+def python_fs(uri: str, webhdfs_url: str = "http://127.0.0.1:9870", user: str | None = None) -> tuple[Any, str]:
+    """An fsspec file system and the path within it for ``uri``, usable without Spark.
+
+    ``file:`` URIs (and plain paths) map to the local disk; ``hdfs:`` URIs to
+    WebHDFS at ``webhdfs_url`` (the NameNode's HTTP address, ``hdfs.webhdfs_url``).
+    The file system pickles, so Spark tasks and Horovod ranks can carry it.
+    """
+    import fsspec
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        return fsspec.filesystem("file"), parsed.path or uri
+    if parsed.scheme == "hdfs":
+        http = urlparse(webhdfs_url)
+        return (fsspec.filesystem("webhdfs", host=http.hostname, port=http.port or 9870, user=user,
+                                  use_https=http.scheme == "https"), parsed.path)
+    raise ValueError(f"no Python file system for {uri!r}: the lake must be on file: or hdfs:")
+
+
+def petastorm_filesystem(uri: str, webhdfs_url: str, user: str | None = None) -> Any | None:
+    """The file system to hand Petastorm for ``uri``: None (its own) for a local lake.
+
+    For ``hdfs:`` Petastorm's default needs libhdfs and a Hadoop install on
+    every machine that reads; WebHDFS needs neither.
+    """
+    return None if is_local(uri) else python_fs(uri, webhdfs_url, user)[0]
+
+
+def is_local(uri: str) -> bool:
+    """True for a ``file:`` URI or a plain path."""
+    return urlparse(uri).scheme in ("", "file")
 
 
 def ensure_delta_table(spark: SparkSession, uri: str, schema: StructType,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import io
 import json
 import logging
@@ -34,7 +35,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import IntegerType, StringType
 
 from oncolake import imaging, lake
-from oncolake.config import Config, PreprocessConfig
+from oncolake.config import Config, HdfsConfig, PreprocessConfig
 from oncolake.errors import ConfigError, DataQualityError
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ def _run(spark, cfg, dataset, lake_uri, source_version, labelled) -> dict[str, A
         parts = {"train": train, "val": good.filter(F.col("split") == "val"),
                  "test": good.filter(F.col("split") == "test")}
         version = _publish(spark, lake_uri, dataset, version, parts, manifest, splits_uri, good,
-                           pcfg.rows_per_row_group)
+                           pcfg.rows_per_row_group, cfg.hdfs)
         manifest["version"] = version
         return _summary(dataset, version, tensors_root(lake_uri, dataset), manifest, created=True)
     finally:
@@ -293,7 +294,8 @@ def _balance(train: DataFrame, counts: dict[str, int], pcfg: PreprocessConfig) -
 
 
 def _publish(spark: SparkSession, lake_uri: str, dataset: str, version: int, parts: dict[str, DataFrame],
-             manifest: dict[str, Any], splits_uri: str, good: DataFrame, rows_per_group: int) -> int:
+             manifest: dict[str, Any], splits_uri: str, good: DataFrame, rows_per_group: int,
+             hdfs: HdfsConfig) -> int:
     """Write the splits under a temporary name, record lineage, then rename into place."""
     from petastorm.etl.dataset_metadata import materialize_dataset
     root = tensors_root(lake_uri, dataset)
@@ -308,7 +310,9 @@ def _publish(spark: SparkSession, lake_uri: str, dataset: str, version: int, par
             # Petastorm shards by row group: enough files for MIN_FILES Horovod ranks.
             files = max(min(MIN_FILES, n), math.ceil(n * row_bytes / (64 * 2 ** 20)))
             url = f"{tmp}/split={split}"
-            with materialize_dataset(spark, url, schema, row_group_size_mb=group_mb):
+            factory = (None if lake.is_local(url) else
+                       functools.partial(lake.petastorm_filesystem, url, hdfs.webhdfs_url, hdfs.user))
+            with materialize_dataset(spark, url, schema, row_group_size_mb=group_mb, filesystem_factory=factory):
                 (frame.select("image_id", "label", "group_id", "image").repartition(files)
                  .sortWithinPartitions("image_id").write.mode("overwrite").parquet(url))
         lake.write_text(spark, f"{tmp}/manifest.json", json.dumps(manifest, indent=2, sort_keys=True))

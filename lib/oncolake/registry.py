@@ -65,16 +65,16 @@ def load_model_bytes(data: bytes):
 
 
 def register(spark: SparkSession, lake_uri: str, dataset: str, files: Mapping[str, bytes],
-             local_dirs: Mapping[str, Path] = ()) -> tuple[int, str]:
-    """Register the next version from file contents (and local folders, e.g. TensorBoard logs)."""
+             lake_dirs: Mapping[str, str] = ()) -> tuple[int, str]:
+    """Register the next version from file contents and folders already in the lake (TensorBoard logs)."""
     root = models_root(lake_uri, dataset)
     tmp = f"{root}/_tmp-{os.getpid()}-{time.time_ns()}"
     try:
         for name, data in files.items():
             lake.write_bytes(spark, f"{tmp}/{name}", data)
-        for name, folder in dict(local_dirs).items():
-            if Path(folder).is_dir():
-                lake.copy_from_local(spark, str(folder), f"{tmp}/{name}")
+        for name, folder in dict(lake_dirs).items():
+            if lake.is_dir(spark, folder):
+                lake.copy(spark, folder, f"{tmp}/{name}")
         for _ in range(5):
             version = (versions(spark, lake_uri, dataset) or [0])[-1] + 1
             target = version_uri(lake_uri, dataset, version)

@@ -68,9 +68,17 @@ def run(spark: SparkSession, cfg: Config, dataset: str, model_version: int | Non
     todo = images.filter(in_dates).select("image_id", "ingest_date", "content").join(
         done.filter(in_dates).select("image_id"), "image_id", "left_anti")
     already = done.filter(in_dates).count()
-    if todo.select("image_id").count() == 0:  # ids only: no image bytes read
+    pending = todo.select("image_id").count()  # ids only: no image bytes read
+    if pending == 0:
         return _summary(dataset, version, dates, 0, already, 0, predictions_uri, 0.0, threshold)
+    log.info("scoring %d images of %s (partitions %s) with model v%d", pending, dataset,
+             ", ".join(d.isoformat() for d in dates), version)
 
+    slots = spark.sparkContext.defaultParallelism
+    if images.filter(in_dates).rdd.getNumPartitions() < slots:
+        # A small night fits in one or two file splits: spread it over every
+        # task slot (a large night has many splits and is not shuffled).
+        todo = todo.repartition(slots)
     model_bytes = lake.read_bytes(spark, f"{model_dir}/model.keras")
     shipped = spark.sparkContext.broadcast(model_bytes)
     size, policy, batch = record["size"], record["resize"], cfg.score.batch_size

@@ -18,6 +18,9 @@ import json
 import logging
 import math
 import os
+import shutil
+import socket
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,8 @@ from oncolake.errors import ConfigError, DataQualityError
 log = logging.getLogger(__name__)
 
 ARCHITECTURES = ("cnn3", "separable")
+CHECKPOINT = "last.weights.h5"
+BEST = "best.weights.h5"
 
 
 def build_model(size: int, mean: list[float], std: list[float], tcfg: TrainConfig):
@@ -111,63 +116,89 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
     tf.config.threading.set_inter_op_parallelism_threads(1)
     tcfg = TrainConfig(**spec["train"])
     tf.keras.utils.set_random_seed(tcfg.seed)
-    run_dir = Path(spec["run_dir"])
-    checkpoint = run_dir / "last.weights.h5"
-    model = build_model(spec["size"], spec["mean"], spec["std"], tcfg)
-    optimizer = hvd.DistributedOptimizer(tf.keras.optimizers.Adam(tcfg.learning_rate * size))
-    model.compile(optimizer=optimizer, loss="binary_crossentropy",
-                  metrics=[tf.keras.metrics.AUC(name="auc")], experimental_run_tf_function=False)
-    initial_epoch = 0
-    if spec["resume"]:
-        # Weights only: the optimizer's moment estimates start afresh after a resume.
-        model.load_weights(checkpoint)
-        initial_epoch = json.loads((run_dir / "state.json").read_text())["epochs_done"]
-    callbacks = [
-        hvd.callbacks.BroadcastGlobalVariablesCallback(0),
-        _average_non_trainable(),  # before anything that reads or saves the weights
-        hvd.callbacks.MetricAverageCallback(),
-        tf.keras.callbacks.ReduceLROnPlateau(monitor="val_auc", mode="max", factor=0.5,
-                                             patience=max(1, tcfg.patience // 2), verbose=0),
-        tf.keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=tcfg.patience,
-                                         restore_best_weights=True),
-    ]
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        callbacks += [
-            tf.keras.callbacks.ModelCheckpoint(str(run_dir / "best.weights.h5"), monitor="val_auc", mode="max",
-                                               save_best_only=True, save_weights_only=True),
-            tf.keras.callbacks.ModelCheckpoint(str(checkpoint), save_weights_only=True),
-            tf.keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, _logs: (run_dir / "state.json")
-                                              .write_text(json.dumps({"epochs_done": epoch + 1}))),
-            tf.keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), profile_batch=0),
+    # Keras writes checkpoints to local scratch; rank 0 copies them to the run
+    # folder in the lake (local disk or HDFS) after every epoch.
+    fs, run_path = lake.python_fs(spec["run_uri"], spec["webhdfs_url"], spec["hdfs_user"])
+    scratch = Path(tempfile.mkdtemp(prefix=f"oncolake-train-rank{rank}-"))
+    try:
+        model = build_model(spec["size"], spec["mean"], spec["std"], tcfg)
+        optimizer = hvd.DistributedOptimizer(tf.keras.optimizers.Adam(tcfg.learning_rate * size))
+        model.compile(optimizer=optimizer, loss="binary_crossentropy",
+                      metrics=[tf.keras.metrics.AUC(name="auc")], experimental_run_tf_function=False)
+        initial_epoch = 0
+        if spec["resume"]:
+            # Weights only: the optimizer's moment estimates start afresh after a resume.
+            fs.get(f"{run_path}/{CHECKPOINT}", str(scratch / CHECKPOINT))
+            model.load_weights(scratch / CHECKPOINT)
+            initial_epoch = json.loads(fs.cat_file(f"{run_path}/state.json"))["epochs_done"]
+        callbacks = [
+            hvd.callbacks.BroadcastGlobalVariablesCallback(0),
+            _average_non_trainable(),  # before anything that reads or saves the weights
+            hvd.callbacks.MetricAverageCallback(),
+            tf.keras.callbacks.ReduceLROnPlateau(monitor="val_auc", mode="max", factor=0.5,
+                                                 patience=max(1, tcfg.patience // 2), verbose=0),
+            tf.keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=tcfg.patience,
+                                             restore_best_weights=True),
         ]
+        if rank == 0:
+            fs.makedirs(run_path, exist_ok=True)
+            callbacks += [
+                tf.keras.callbacks.ModelCheckpoint(str(scratch / BEST), monitor="val_auc", mode="max",
+                                                   save_best_only=True, save_weights_only=True),
+                tf.keras.callbacks.ModelCheckpoint(str(scratch / CHECKPOINT), save_weights_only=True),
+                tf.keras.callbacks.LambdaCallback(
+                    on_epoch_end=lambda epoch, _logs: _save_progress(fs, run_path, scratch, epoch + 1)),
+                tf.keras.callbacks.TensorBoard(str(scratch / "tensorboard"), profile_batch=0),
+            ]
 
-    def pairs(dataset):
-        return dataset.map(lambda row: (row.image, tf.cast(row.label, tf.float32)))
+        def pairs(dataset):
+            return dataset.map(lambda row: (row.image, tf.cast(row.label, tf.float32)))
 
-    start = time.perf_counter()
-    # Only image and label: group_id may be null (no lesion or patient ids), which TensorFlow refuses.
-    fields = ["image", "label"]
-    with make_reader(spec["train_url"], schema_fields=fields, num_epochs=None, cur_shard=rank, shard_count=size,
-                     shuffle_row_groups=True, seed=tcfg.seed + rank, reader_pool_type="dummy") as train_reader, \
-            make_reader(spec["val_url"], schema_fields=fields, num_epochs=None, shuffle_row_groups=False,
-                        reader_pool_type="dummy") as val_reader:
-        train = pairs(make_petastorm_dataset(train_reader)).shuffle(512, seed=tcfg.seed).batch(spec["batch_size"])
-        val = pairs(make_petastorm_dataset(val_reader)).batch(spec["batch_size"])
-        history = model.fit(train, steps_per_epoch=spec["steps_per_epoch"], validation_data=val,
-                            validation_steps=spec["val_steps"], epochs=spec["epochs"], initial_epoch=initial_epoch,
-                            class_weight=spec["class_weight"], callbacks=callbacks,
-                            verbose=2 if rank == 0 else 0)
-    seconds = time.perf_counter() - start
-    result = {"rank": rank, "size": size, "digest": weights_digest(model), "seconds": seconds,
-              "initial_epoch": initial_epoch,
-              "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
-              "epochs_run": len(history.history.get("loss", []))}
-    if rank == 0:
-        final = run_dir / "model.keras"
-        model.save(final)
-        result["model"] = final.read_bytes()
-    return result
+        start = time.perf_counter()
+        # Only image and label: group_id may be null (no lesion or patient ids), which TensorFlow refuses.
+        fields = ["image", "label"]
+        filesystem = lake.petastorm_filesystem(spec["train_url"], spec["webhdfs_url"], spec["hdfs_user"])
+        with make_reader(spec["train_url"], schema_fields=fields, num_epochs=None, cur_shard=rank,
+                         shard_count=size, shuffle_row_groups=True, seed=tcfg.seed + rank,
+                         reader_pool_type="dummy", filesystem=filesystem) as train_reader, \
+                make_reader(spec["val_url"], schema_fields=fields, num_epochs=None, shuffle_row_groups=False,
+                            reader_pool_type="dummy", filesystem=filesystem) as val_reader:
+            train = pairs(make_petastorm_dataset(train_reader)).shuffle(512, seed=tcfg.seed).batch(
+                spec["batch_size"])
+            val = pairs(make_petastorm_dataset(val_reader)).batch(spec["batch_size"])
+            history = model.fit(train, steps_per_epoch=spec["steps_per_epoch"], validation_data=val,
+                                validation_steps=spec["val_steps"], epochs=spec["epochs"],
+                                initial_epoch=initial_epoch, class_weight=spec["class_weight"],
+                                callbacks=callbacks, verbose=2 if rank == 0 else 0)
+        seconds = time.perf_counter() - start
+        result = {"rank": rank, "size": size, "digest": weights_digest(model), "seconds": seconds,
+                  "initial_epoch": initial_epoch,
+                  # where the rank ran: a standalone worker starts each executor in its own folder
+                  "placement": f"{socket.gethostname()}:{os.getcwd()}",
+                  "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
+                  "epochs_run": len(history.history.get("loss", []))}
+        if rank == 0:
+            final = scratch / "model.keras"
+            model.save(final)
+            result["model"] = final.read_bytes()
+            if (scratch / "tensorboard").is_dir():
+                fs.put(str(scratch / "tensorboard"), f"{run_path}/tensorboard", recursive=True)
+        return result
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _save_progress(fs, run_path: str, scratch: Path, epochs_done: int) -> None:
+    """Copy this epoch's checkpoints to the lake, the state file last.
+
+    ``state.json`` names the epochs its checkpoint holds, so it is written
+    only once the weights it describes are in place.
+    """
+    for name in (CHECKPOINT, BEST):
+        if (scratch / name).exists():
+            fs.put_file(str(scratch / name), f"{run_path}/{name}")
+    (scratch / "state.json").write_text(json.dumps({"epochs_done": epochs_done}))
+    fs.put_file(str(scratch / "state.json"), f"{run_path}/state.json")
 
 
 def run(spark: SparkSession, cfg: Config, dataset: str, tensors_version: int | None = None,
@@ -188,8 +219,7 @@ def run(spark: SparkSession, cfg: Config, dataset: str, tensors_version: int | N
     train_rows = manifest["balancing"]["after"]
     n_train = sum(int(v) for v in train_rows.values())
     n_val = sum(int(v) for v in manifest["class_counts"]["val"].values())
-    local_root = _local_path(registry.models_root(lake_uri, dataset))
-    run_dir = _run_dir(local_root, resume)
+    run_uri = _run_uri(spark, f"{registry.models_root(lake_uri, dataset)}/_runs", resume)
     spec = {
         "train_url": registry.petastorm_url(f"{tensors}/split=train"),
         "val_url": registry.petastorm_url(f"{tensors}/split=val"),
@@ -201,7 +231,8 @@ def run(spark: SparkSession, cfg: Config, dataset: str, tensors_version: int | N
         "class_weight": ({int(k): float(v) for k, v in manifest["balancing"]["class_weight"].items()}
                          if "class_weight" in manifest["balancing"] else None),
         "threads": max(1, int(spark.conf.get("spark.task.cpus", "1"))),
-        "run_dir": str(run_dir), "resume": resume,
+        "run_uri": run_uri, "resume": resume,
+        "webhdfs_url": cfg.hdfs.webhdfs_url, "hdfs_user": cfg.hdfs.user,
     }
     log.info("training %s on tensors v%d with %d processes, %d steps per epoch", dataset, tensors_version,
              num_proc, spec["steps_per_epoch"])
@@ -221,6 +252,7 @@ def run(spark: SparkSession, cfg: Config, dataset: str, tensors_version: int | N
         "num_proc": num_proc, "duration_s": round(seconds, 2), "resumed_from_epoch": chief["initial_epoch"],
         "images_per_sec": round(images_seen / max(chief["seconds"], 1e-9), 2),
         "weights_digests": sorted({r["digest"] for r in results}),
+        "placement": {str(r["rank"]): r["placement"] for r in results},
     }
     record["mlflow_run_id"] = tracking.log_run(
         cfg, lake_uri, f"train-{dataset}", params={**dataclasses.asdict(tcfg), "tensors_version": tensors_version,
@@ -231,13 +263,13 @@ def run(spark: SparkSession, cfg: Config, dataset: str, tensors_version: int | N
     version, model_dir = registry.register(
         spark, lake_uri, dataset, {"model.keras": chief["model"],
                                    "model.json": json.dumps(record, indent=2, sort_keys=True).encode()},
-        {"tensorboard": run_dir / "tensorboard"})
-    (run_dir / "registered").write_text(model_dir)
+        {"tensorboard": f"{run_uri}/tensorboard"})
+    lake.write_text(spark, f"{run_uri}/registered", model_dir)
     return {"job": "train", "dataset": dataset, "model_version": version, "model_uri": model_dir,
             "epochs_run": chief["epochs_run"], "best_val_auc": best_auc, "num_proc": num_proc,
             "images_per_sec": record["images_per_sec"], "tensors_version": tensors_version,
             "ranks_identical": len(record["weights_digests"]) == 1,
-            "resumed_from_epoch": chief["initial_epoch"]}
+            "resumed_from_epoch": chief["initial_epoch"], "placement": record["placement"]}
 
 
 def _run_horovod(fn, spec: dict[str, Any], num_proc: int) -> list[dict[str, Any]]:
@@ -258,19 +290,13 @@ def _run_horovod(fn, spec: dict[str, Any], num_proc: int) -> list[dict[str, Any]
         cloudpickle.unregister_pickle_by_value(oncolake)
 
 
-def _run_dir(local_root: Path, resume: bool) -> Path:
-    runs = local_root / "_runs"
+def _run_uri(spark: SparkSession, runs_uri: str, resume: bool) -> str:
+    """A new run folder, or with ``resume`` the newest run with a checkpoint and no registered model."""
     if resume:
-        unfinished = sorted(p for p in runs.glob("run-*") if (p / "last.weights.h5").exists()
-                            and not (p / "registered").exists())
+        unfinished = [name for name in lake.list_dir(spark, runs_uri) if name.startswith("run-")
+                      and lake.exists(spark, f"{runs_uri}/{name}/{CHECKPOINT}")
+                      and not lake.exists(spark, f"{runs_uri}/{name}/registered")]
         if not unfinished:
-            raise ConfigError(f"--resume: no unfinished run under {runs}")
-        return unfinished[-1]
-    return runs / f"run-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
-
-
-def _local_path(uri: str) -> Path:
-    """The local folder of a file: URI (Horovod ranks write checkpoints with plain file I/O)."""
-    if uri.startswith("file:"):
-        return Path("/" + uri[len("file:"):].lstrip("/"))
-    raise ConfigError(f"training checkpoints need a local lake for now, got {uri}")
+            raise ConfigError(f"--resume: no unfinished run under {runs_uri}")
+        return f"{runs_uri}/{unfinished[-1]}"
+    return f"{runs_uri}/run-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
