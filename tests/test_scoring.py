@@ -1,5 +1,8 @@
 """The score job: incremental partitions, idempotence, predictions equal model.predict."""
+import contextlib
+import io
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -18,25 +21,43 @@ def run(job, capsys, *args):
     return last_json(captured.out)
 
 
-@pytest.fixture()
-def scored_lake(spark, tmp_path, capsys):
-    """Two ingest dates, a tensor version, and a registered (untrained) model with a threshold."""
-    lake_dir = str(tmp_path / "lake")
+def _quiet(job, *args) -> dict:
+    """Run a job outside a test (no capsys): its summary from a captured stdout."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = job.main(list(args))
+    assert code == 0, out.getvalue()[-3000:]
+    return last_json(out.getvalue())
+
+
+@pytest.fixture(scope="module")
+def template(spark, tmp_path_factory):
+    """Built once: two ingest dates, a tensor version, a registered (untrained) model with a threshold."""
+    root = tmp_path_factory.mktemp("scoring-template")
+    lake_dir = str(root / "lake")
     for day, (start, seed) in {"2026-05-01": (0, 1), "2026-05-02": (10, 2)}.items():
-        folder = synthetic.write_dataset(tmp_path / day, groups=10, per_group=2, seed=seed, start=start,
+        folder = synthetic.write_dataset(root / day, groups=10, per_group=2, seed=seed, start=start,
                                          malignant_every=2)
-        run(ingest_job, capsys, "--lake", lake_dir, "--dataset", "syn", "--input", str(folder),
-            "--labels", str(folder / "labels.csv"), "--ingest-date", day)
-    run(preprocess_job, capsys, "--lake", lake_dir, "--dataset", "syn", "--size", "16")
+        _quiet(ingest_job, "--lake", lake_dir, "--dataset", "syn", "--input", str(folder),
+               "--labels", str(folder / "labels.csv"), "--ingest-date", day)
+    _quiet(preprocess_job, "--lake", lake_dir, "--dataset", "syn", "--size", "16")
     model = training.build_model(16, [120.0] * 3, [50.0] * 3, config.TrainConfig(filters=(4,), dense_units=4))
-    path = tmp_path / "model.keras"
+    path = root / "model.keras"
     model.save(path)
     record = {"size": 16, "resize": "stretch", "tensors_version": 1}
-    lake_uri = lake.qualify(spark, lake_dir)
-    version, model_dir = registry.register(spark, lake_uri, "syn", {
+    registry.register(spark, lake.qualify(spark, lake_dir), "syn", {
         "model.keras": path.read_bytes(), "model.json": json.dumps(record).encode(),
         "metrics.json": json.dumps({"threshold": 0.5}).encode()})
-    return lake_dir, lake_uri, model_dir
+    return root
+
+
+@pytest.fixture()
+def scored_lake(spark, tmp_path, template):
+    """A private copy of the template (Delta and Petastorm paths inside a table are relative)."""
+    shutil.copytree(template, tmp_path, dirs_exist_ok=True)
+    lake_dir = str(tmp_path / "lake")
+    lake_uri = lake.qualify(spark, lake_dir)
+    return lake_dir, lake_uri, registry.version_uri(lake_uri, "syn", 1)
 
 
 def test_partitions_are_scored_once_and_a_new_date_alone(spark, tmp_path, capsys, scored_lake):

@@ -1,4 +1,6 @@
 """scripts/submit.sh: the spark-submit command, and one real run through it."""
+import collections
+import csv
 import json
 import os
 import subprocess
@@ -36,21 +38,31 @@ def test_unknown_job_is_a_usage_error():
         submit.command("nope", [], "/z", "/p", {})
 
 
-@pytest.mark.slow
-def test_submit_sh_runs_ingest_through_spark_submit(tmp_path):
-    data = write_dataset(tmp_path / "in", groups=4, per_group=2, seed=0)
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("PYSPARK", "SPARK_"))}
+
+
+@pytest.fixture(scope="module")
+def submitted(tmp_path_factory):
+    """One ingest through scripts/submit.sh (a real spark-submit), shared by the tests below."""
+    root = tmp_path_factory.mktemp("submit")
+    data = write_dataset(root / "in", groups=4, per_group=2, seed=0)
     (data / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYSPARK", "SPARK_"))}
     result = subprocess.run(
-        [str(ROOT / "scripts" / "submit.sh"), "ingest", "--master", "local[2]", "--lake", str(tmp_path / "lake"),
+        [str(ROOT / "scripts" / "submit.sh"), "ingest", "--master", "local[2]", "--lake", str(root / "lake"),
          "--dataset", "syn", "--input", str(data), "--labels", str(data / "labels.csv")],
-        capture_output=True, text=True, env=env, timeout=600)
+        capture_output=True, text=True, env=_env(), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    return root, data, json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_submit_sh_runs_ingest_through_spark_submit(submitted):
+    root, _, summary = submitted
     assert (summary["ingested"], summary["quarantined"]) == (8, 1)
-    bad = subprocess.run([str(ROOT / "scripts" / "submit.sh"), "ingest", "--lake", str(tmp_path / "lake"),
-                          "--dataset", "syn", "--input", str(tmp_path / "missing")],
-                         capture_output=True, text=True, env=env, timeout=600)
+    bad = subprocess.run([str(ROOT / "scripts" / "submit.sh"), "ingest", "--lake", str(root / "lake"),
+                          "--dataset", "syn", "--input", str(root / "missing")],
+                         capture_output=True, text=True, env=_env(), timeout=600)
     # spark-submit's PythonRunner merges the driver's stderr into its stdout:
     # the failure is the last line there, and no summary is printed.
     assert bad.returncode == 1
@@ -59,19 +71,16 @@ def test_submit_sh_runs_ingest_through_spark_submit(tmp_path):
 
 
 @pytest.mark.slow
-def test_sql_sh_answers_a_count_and_a_join_from_the_hive_catalog(tmp_path):
-    data = write_dataset(tmp_path / "in", groups=3, per_group=2, seed=5)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYSPARK", "SPARK_"))}
-    lake = str(tmp_path / "lake")
-    subprocess.run([str(ROOT / "scripts" / "submit.sh"), "ingest", "--lake", lake, "--dataset", "syn",
-                    "--input", str(data), "--labels", str(data / "labels.csv")],
-                   check=True, capture_output=True, env=env, timeout=600)
+def test_sql_sh_answers_a_count_and_a_join_from_the_hive_catalog(submitted):
+    root, data, _ = submitted
+    with open(data / "labels.csv", newline="") as handle:
+        expected = collections.Counter(row["label"] for row in csv.DictReader(handle))
     query = ("SELECT i.label, count(*) AS n FROM oncolake.images i JOIN oncolake.images j "
              "ON i.image_id = j.image_id GROUP BY i.label ORDER BY i.label")
-    result = subprocess.run([str(ROOT / "scripts" / "sql.sh"), "--lake", lake, query],
-                            capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run([str(ROOT / "scripts" / "sql.sh"), "--lake", str(root / "lake"), query],
+                            capture_output=True, text=True, env=_env(), timeout=600)
     assert result.returncode == 0, result.stdout[-2000:]
     lines = result.stdout.strip().splitlines()
     assert json.loads(lines[-1])["rows"] == 2
     table = [line.replace(" ", "") for line in lines if line.startswith("|")]
-    assert table == ["|label|n|", "|benign|4|", "|malignant|2|"]
+    assert table == ["|label|n|"] + [f"|{label}|{n}|" for label, n in sorted(expected.items())]
