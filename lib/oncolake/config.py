@@ -84,6 +84,7 @@ class TrainConfig:
 class ScoreConfig:
     batch_size: int = 64
     arrow_batch_rows: int = 256
+    rows_per_task: int = 1000
 
 
 @dataclasses.dataclass(frozen=True)

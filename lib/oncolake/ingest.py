@@ -93,7 +93,11 @@ def run(spark: SparkSession, cfg: Config, dataset: str, source: str,
         with _step("merge images"):
             bronze = lake.ensure_delta_table(spark, bronze_uri, schema.BRONZE_IMAGES,
                                              schema.BRONZE_IMAGES_PARTITIONS)
-            merged = _merge_images(bronze, chosen, good, dataset, bronze_uri)
+            # Delta's MERGE would shuffle the rows by partition column before
+            # writing: a whole ingest date, image bytes and all, into one task
+            # and one file. Written as read, the night is spread over the tasks.
+            with lake.spark_conf(spark, {"spark.databricks.delta.merge.repartitionBeforeWrite.enabled": "false"}):
+                merged = _merge_images(bronze, chosen, good, dataset, bronze_uri)
         with _step("merge quarantine"):
             lake.ensure_delta_table(spark, quarantine_uri, schema.BRONZE_QUARANTINE,
                                     schema.BRONZE_QUARANTINE_PARTITIONS)

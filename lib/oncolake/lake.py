@@ -8,9 +8,10 @@ no Hadoop client or libhdfs on the machine.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 from urllib.parse import urlparse
 
 from delta.tables import DeltaTable
@@ -185,6 +186,22 @@ def append(df: DataFrame, uri: str, partition_by: tuple[str, ...] = ()) -> None:
     """Append ``df`` to the Delta table at ``uri`` (schema must match exactly)."""
     with_retry(lambda: df.write.format("delta").mode("append").partitionBy(*partition_by).save(uri),
                f"append to {uri}")
+
+
+@contextlib.contextmanager
+def spark_conf(spark: SparkSession, settings: dict[str, str]) -> Iterator[None]:
+    """Set session conf for the duration of a block, then restore what was there."""
+    previous = {key: spark.conf.get(key, None) for key in settings}
+    for key, value in settings.items():
+        spark.conf.set(key, value)
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                spark.conf.unset(key)
+            else:
+                spark.conf.set(key, value)
 
 
 def with_retry(action: Callable[[], T], what: str, attempts: int = 5, backoff_s: float = 0.5) -> T:

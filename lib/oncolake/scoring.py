@@ -17,6 +17,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import math
 import time
 from typing import Any, Iterator
 
@@ -74,11 +75,13 @@ def run(spark: SparkSession, cfg: Config, dataset: str, model_version: int | Non
     log.info("scoring %d images of %s (partitions %s) with model v%d", pending, dataset,
              ", ".join(d.isoformat() for d in dates), version)
 
+    # Rows come in the bronze files' layout, and a night may sit in a file or
+    # two: read as it is, one core would predict the whole night. Predicting an
+    # image costs far more than shuffling its bytes, so deal the rows
+    # round-robin into a whole number of waves over every task slot.
     slots = spark.sparkContext.defaultParallelism
-    if images.filter(in_dates).rdd.getNumPartitions() < slots:
-        # A small night fits in one or two file splits: spread it over every
-        # task slot (a large night has many splits and is not shuffled).
-        todo = todo.repartition(slots)
+    tasks = math.ceil(max(slots, math.ceil(pending / cfg.score.rows_per_task)) / slots) * slots
+    todo = todo.repartition(tasks)
     model_bytes = lake.read_bytes(spark, f"{model_dir}/model.keras")
     shipped = spark.sparkContext.broadcast(model_bytes)
     size, policy, batch = record["size"], record["resize"], cfg.score.batch_size
@@ -92,22 +95,14 @@ def run(spark: SparkSession, cfg: Config, dataset: str, model_version: int | Non
         .otherwise((F.col("probability") >= threshold).cast("int")).alias("predicted_label"),
         F.lit(threshold).alias("threshold"), "error", F.lit(now).cast("timestamp").alias("scored_at"),
         "ingest_date")
-    # Image rows are large: a bounded Arrow batch keeps each Python worker's memory small.
-    arrow_key = "spark.sql.execution.arrow.maxRecordsPerBatch"
-    previous = spark.conf.get(arrow_key, None)
-    spark.conf.set(arrow_key, str(cfg.score.arrow_batch_rows))
     start = time.perf_counter()
     before = lake.current_version(target)
     on = (f"t.dataset = '{dataset}' AND t.model_version = {version} AND t.dataset = s.dataset "
           "AND t.model_version = s.model_version AND t.image_id = s.image_id AND t.ingest_date = s.ingest_date")
-    try:
+    # Image rows are large: a bounded Arrow batch keeps each Python worker's memory small.
+    with lake.spark_conf(spark, {"spark.sql.execution.arrow.maxRecordsPerBatch": str(cfg.score.arrow_batch_rows)}):
         lake.with_retry(lambda: target.alias("t").merge(rows.alias("s"), on).whenNotMatchedInsertAll().execute(),
                         f"insert into {predictions_uri}")
-    finally:
-        if previous is None:
-            spark.conf.unset(arrow_key)
-        else:
-            spark.conf.set(arrow_key, previous)
     seconds = time.perf_counter() - start
     inserted = lake.commit_metric(target, before, "numTargetRowsInserted")
     errors = (target.toDF().filter((F.col("dataset") == dataset) & (F.col("model_version") == version)
