@@ -58,8 +58,10 @@ def test_horovod_two_ranks_train_one_epoch_with_identical_weights(spark, tmp_pat
     run(preprocess_job, capsys, "--lake", lake, "--dataset", "syn", "--size", "16")
     summary = submit("train", "--master", "local[2]", "--lake", lake, "--dataset", "syn", "--epochs", "1",
                      "--num-proc", "2", "--batch-size", "8", "--set", "train.filters=[4, 8]",
-                     "--set", "train.dense_units=8")
+                     "--set", "train.dense_units=8", "--set", "train.min_steps_per_epoch=5")
     assert (summary["num_proc"], summary["epochs_run"], summary["model_version"]) == (2, 1, 1)
+    # about 42 training images in batches of 8 on 2 ranks make 3 steps; the floor makes 5
+    assert summary["steps_per_epoch"] == 5
     assert summary["ranks_identical"] is True
     model_dir = Path(summary["model_uri"].removeprefix("file:"))
     record = json.loads((model_dir / "model.json").read_text())

@@ -75,6 +75,7 @@ class TrainConfig:
     learning_rate: float = 0.001
     num_proc: int = 0
     patience: int = 5
+    min_steps_per_epoch: int = 1
     seed: int = 42
     threshold_rule: str = "youden"
     target_sensitivity: float = 0.9

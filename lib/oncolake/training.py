@@ -226,7 +226,10 @@ def run(spark: SparkSession, cfg: Config, dataset: str, tensors_version: int | N
         "size": manifest["size"], "mean": manifest["normalisation"]["mean"],
         "std": manifest["normalisation"]["std"], "train": dataclasses.asdict(tcfg),
         "epochs": tcfg.epochs, "batch_size": tcfg.batch_size,
-        "steps_per_epoch": max(1, math.ceil(n_train / (tcfg.batch_size * num_proc))),
+        # An "epoch" is at least min_steps_per_epoch updates: on a few hundred
+        # images one pass is a handful of steps, and early stopping would judge
+        # the model before it has trained (the reader repeats the data).
+        "steps_per_epoch": max(tcfg.min_steps_per_epoch, math.ceil(n_train / (tcfg.batch_size * num_proc))),
         "val_steps": max(1, math.ceil(n_val / tcfg.batch_size)),
         "class_weight": ({int(k): float(v) for k, v in manifest["balancing"]["class_weight"].items()}
                          if "class_weight" in manifest["balancing"] else None),
@@ -269,7 +272,8 @@ def run(spark: SparkSession, cfg: Config, dataset: str, tensors_version: int | N
             "epochs_run": chief["epochs_run"], "best_val_auc": best_auc, "num_proc": num_proc,
             "images_per_sec": record["images_per_sec"], "tensors_version": tensors_version,
             "ranks_identical": len(record["weights_digests"]) == 1,
-            "resumed_from_epoch": chief["initial_epoch"], "placement": record["placement"]}
+            "resumed_from_epoch": chief["initial_epoch"], "steps_per_epoch": spec["steps_per_epoch"],
+            "placement": record["placement"]}
 
 
 def _run_horovod(fn, spec: dict[str, Any], num_proc: int) -> list[dict[str, Any]]:
