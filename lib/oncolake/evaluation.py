@@ -175,7 +175,7 @@ def run(spark, cfg, dataset: str, model_version: int | None = None) -> dict[str,
     scores = {}
     for split in ("val", "test"):
         url = registry.petastorm_url(f"{tensors}/split={split}")
-        _, images, labels = read_split(url, lake.petastorm_filesystem(url, cfg.hdfs.webhdfs_url, cfg.hdfs.user))
+        _, images, labels = read_split(url, lake.petastorm_filesystem(url, cfg.hdfs))
         scores[split] = (labels, model.predict(images, batch_size=cfg.score.batch_size, verbose=0).ravel())
     rule = cfg.train.threshold_rule
     threshold = choose_threshold(*scores["val"], rule=rule, target_sensitivity=cfg.train.target_sensitivity)

@@ -18,6 +18,8 @@ from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.types import StructType
 
+from oncolake.config import HdfsConfig
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -121,11 +123,11 @@ def copy(spark: SparkSession, src: str, dst: str) -> None:
         src_fs, src_path, dst_fs, dst_path, False, spark.sparkContext._jsc.hadoopConfiguration())
 
 
-def python_fs(uri: str, webhdfs_url: str = "http://127.0.0.1:9870", user: str | None = None) -> tuple[Any, str]:
+def python_fs(uri: str, hdfs: HdfsConfig) -> tuple[Any, str]:
     """An fsspec file system and the path within it for ``uri``, usable without Spark.
 
     ``file:`` URIs (and plain paths) map to the local disk; ``hdfs:`` URIs to
-    WebHDFS at ``webhdfs_url`` (the NameNode's HTTP address, ``hdfs.webhdfs_url``).
+    WebHDFS at ``hdfs.webhdfs_url`` (the NameNode's HTTP address) as ``hdfs.user``.
     The file system pickles, so Spark tasks and Horovod ranks can carry it.
     """
     import fsspec
@@ -133,19 +135,19 @@ def python_fs(uri: str, webhdfs_url: str = "http://127.0.0.1:9870", user: str | 
     if parsed.scheme in ("", "file"):
         return fsspec.filesystem("file"), parsed.path or uri
     if parsed.scheme == "hdfs":
-        http = urlparse(webhdfs_url)
-        return (fsspec.filesystem("webhdfs", host=http.hostname, port=http.port or 9870, user=user,
+        http = urlparse(hdfs.webhdfs_url)
+        return (fsspec.filesystem("webhdfs", host=http.hostname, port=http.port or 9870, user=hdfs.user or None,
                                   use_https=http.scheme == "https"), parsed.path)
     raise ValueError(f"no Python file system for {uri!r}: the lake must be on file: or hdfs:")
 
 
-def petastorm_filesystem(uri: str, webhdfs_url: str, user: str | None = None) -> Any | None:
+def petastorm_filesystem(uri: str, hdfs: HdfsConfig) -> Any | None:
     """The file system to hand Petastorm for ``uri``: None (its own) for a local lake.
 
     For ``hdfs:`` Petastorm's default needs libhdfs and a Hadoop install on
     every machine that reads; WebHDFS needs neither.
     """
-    return None if is_local(uri) else python_fs(uri, webhdfs_url, user)[0]
+    return None if is_local(uri) else python_fs(uri, hdfs)[0]
 
 
 def is_local(uri: str) -> bool:

@@ -10,41 +10,34 @@ from __future__ import annotations
 
 import json
 import sys
-import urllib.parse
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from oncolake import cli, imaging, registry
+from oncolake import cli, imaging, lake, registry
 from oncolake.config import Config
 from oncolake.errors import InputError
 
 
 def read_lake_file(cfg: Config, uri: str) -> bytes:
     """A small file of the lake: local path, file: URI, or hdfs: through WebHDFS."""
-    parsed = urllib.parse.urlparse(uri)
-    if parsed.scheme in ("", "file"):
-        path = Path(parsed.path if parsed.scheme else uri)
-        if not path.is_file():
-            raise InputError(f"{uri} does not exist")
-        return path.read_bytes()
-    if parsed.scheme == "hdfs":
-        from hdfs import InsecureClient
-        client = InsecureClient(cfg.hdfs.webhdfs_url, user=cfg.hdfs.user)
-        with client.read(parsed.path) as reader:
-            return reader.read()
-    raise InputError(f"cannot read {uri} without Spark (scheme {parsed.scheme})")
+    fs, path = _fs(cfg, uri)
+    if not fs.isfile(path):
+        raise InputError(f"{uri} does not exist")
+    return fs.cat_file(path)
+
+
+def _fs(cfg: Config, uri: str):
+    try:
+        return lake.python_fs(uri, cfg.hdfs)
+    except ValueError as err:
+        raise InputError(f"cannot read {uri} without Spark: {err}") from err
 
 
 def list_versions(cfg: Config, root: str) -> list[int]:
-    parsed = urllib.parse.urlparse(root)
-    if parsed.scheme in ("", "file"):
-        folder = Path(parsed.path if parsed.scheme else root)
-        names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
-    else:
-        from hdfs import InsecureClient
-        names = InsecureClient(cfg.hdfs.webhdfs_url, user=cfg.hdfs.user).list(parsed.path, status=False)
+    fs, path = _fs(cfg, root)
+    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)] if fs.isdir(path) else []
     return sorted(int(n[1:]) for n in names if n.startswith("v") and n[1:].isdigit())
 
 

@@ -311,7 +311,7 @@ def _publish(spark: SparkSession, lake_uri: str, dataset: str, version: int, par
             files = max(min(MIN_FILES, n), math.ceil(n * row_bytes / (64 * 2 ** 20)))
             url = f"{tmp}/split={split}"
             factory = (None if lake.is_local(url) else
-                       functools.partial(lake.petastorm_filesystem, url, hdfs.webhdfs_url, hdfs.user))
+                       functools.partial(lake.petastorm_filesystem, url, hdfs))
             with materialize_dataset(spark, url, schema, row_group_size_mb=group_mb, filesystem_factory=factory):
                 (frame.select("image_id", "label", "group_id", "image").repartition(files)
                  .sortWithinPartitions("image_id").write.mode("overwrite").parquet(url))

@@ -118,7 +118,7 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
     tf.keras.utils.set_random_seed(tcfg.seed)
     # Keras writes checkpoints to local scratch; rank 0 copies them to the run
     # folder in the lake (local disk or HDFS) after every epoch.
-    fs, run_path = lake.python_fs(spec["run_uri"], spec["webhdfs_url"], spec["hdfs_user"])
+    fs, run_path = lake.python_fs(spec["run_uri"], spec["hdfs"])
     scratch = Path(tempfile.mkdtemp(prefix=f"oncolake-train-rank{rank}-"))
     try:
         model = build_model(spec["size"], spec["mean"], spec["std"], tcfg)
@@ -157,7 +157,7 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
         start = time.perf_counter()
         # Only image and label: group_id may be null (no lesion or patient ids), which TensorFlow refuses.
         fields = ["image", "label"]
-        filesystem = lake.petastorm_filesystem(spec["train_url"], spec["webhdfs_url"], spec["hdfs_user"])
+        filesystem = lake.petastorm_filesystem(spec["train_url"], spec["hdfs"])
         with make_reader(spec["train_url"], schema_fields=fields, num_epochs=None, cur_shard=rank,
                          shard_count=size, shuffle_row_groups=True, seed=tcfg.seed + rank,
                          reader_pool_type="dummy", filesystem=filesystem) as train_reader, \
@@ -235,7 +235,7 @@ def run(spark: SparkSession, cfg: Config, dataset: str, tensors_version: int | N
                          if "class_weight" in manifest["balancing"] else None),
         "threads": max(1, int(spark.conf.get("spark.task.cpus", "1"))),
         "run_uri": run_uri, "resume": resume,
-        "webhdfs_url": cfg.hdfs.webhdfs_url, "hdfs_user": cfg.hdfs.user,
+        "hdfs": cfg.hdfs,
     }
     log.info("training %s on tensors v%d with %d processes, %d steps per epoch", dataset, tensors_version,
              num_proc, spec["steps_per_epoch"])
