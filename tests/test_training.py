@@ -29,6 +29,26 @@ def test_model_takes_uint8_and_normalises_inside():
     np.testing.assert_allclose(out, [1.0, 2.0, -2.0], rtol=1e-5)
 
 
+def test_augmentation_keeps_below_mean_pixels_in_training():
+    """Training and inference see the same normalised range.
+
+    Regression: with the photometric augmentation after normalisation, Keras'
+    RandomContrast clipped the normalised values to [0, 255], so in training
+    every pixel darker than the dataset mean became 0 while inference kept it
+    negative (BUSI then scored below chance).
+    """
+    import tensorflow as tf
+    tcfg = config.TrainConfig(filters=(4,), dense_units=4)
+    model = training.build_model(16, [128.0] * 3, [32.0] * 3, tcfg)
+    first_conv = next(layer for layer in model.layers if isinstance(layer, tf.keras.layers.Conv2D))
+    network_input = tf.keras.Model(model.input, first_conv.input)  # after augmentation and normalisation
+    dark = np.full((8, 16, 16, 3), 40, np.uint8)  # (40 - 128) / 32 = -2.75 at inference
+    np.testing.assert_allclose(network_input(dark, training=False).numpy(), -2.75, rtol=1e-5)
+    trained = network_input(dark, training=True).numpy()
+    # brightness moves by at most 10 % of 255, contrast around the image's own mean
+    assert trained.max() < 0 and abs(trained.mean() + 2.75) < 0.9
+
+
 def run(job, capsys, *args):
     code = job.main(list(args))
     captured = capsys.readouterr()

@@ -44,20 +44,25 @@ def build_model(size: int, mean: list[float], std: list[float], tcfg: TrainConfi
     Normalisation (the dataset's training-split statistics) and augmentation
     (flips, rotation, zoom, brightness, contrast; active in training only) are
     layers of the model, so it takes uint8 images as stored and as scored.
+
+    Augmentation works on 0-255 pixel values and normalisation comes after it:
+    Keras' RandomContrast clips its output to [0, 255], so placed after
+    normalisation it zeroed every below-mean value in training only, and the
+    model met different inputs at inference (BUSI scored below chance).
     """
     import tensorflow as tf
     layers = tf.keras.layers
     if tcfg.architecture not in ARCHITECTURES:
         raise ConfigError(f"train.architecture must be one of {ARCHITECTURES}, got {tcfg.architecture!r}")
     inputs = tf.keras.Input((size, size, 3), dtype=tf.uint8, name="image")
-    # Normalization casts the uint8 input to float itself: no Lambda layer, so
-    # the saved model loads with safe_mode (no code from the file is run).
-    x = layers.Normalization(mean=mean, variance=[s * s for s in std], name="normalise")(inputs)
-    x = layers.RandomFlip("horizontal_and_vertical", seed=tcfg.seed)(x)
+    # The preprocessing layers cast the uint8 input to float themselves: no
+    # Lambda layer, so the saved model loads with safe_mode (no code from the file is run).
+    x = layers.RandomFlip("horizontal_and_vertical", seed=tcfg.seed)(inputs)
     x = layers.RandomRotation(0.1, seed=tcfg.seed)(x)
     x = layers.RandomZoom(0.1, seed=tcfg.seed)(x)
-    x = layers.RandomBrightness(0.1, value_range=(-4.0, 4.0), seed=tcfg.seed)(x)
+    x = layers.RandomBrightness(0.1, value_range=(0.0, 255.0), seed=tcfg.seed)(x)
     x = layers.RandomContrast(0.1, seed=tcfg.seed)(x)
+    x = layers.Normalization(mean=mean, variance=[s * s for s in std], name="normalise")(x)
     conv = layers.SeparableConv2D if tcfg.architecture == "separable" else layers.Conv2D
     for filters in tcfg.filters:
         for _ in range(2):
