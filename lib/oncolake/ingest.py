@@ -11,9 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
-import time
 import urllib.parse
-from contextlib import contextmanager
 from functools import partial
 from typing import Any, Iterator
 
@@ -22,7 +20,7 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from oncolake import imaging, lake, schema
+from oncolake import imaging, lake, schema, timing
 from oncolake.config import Config
 from oncolake.errors import ConfigError, DataQualityError, InputError
 
@@ -32,11 +30,8 @@ log = logging.getLogger(__name__)
 BROADCAST_FILES = 500_000
 
 
-@contextmanager
 def _step(name: str):
-    start = time.perf_counter()
-    yield
-    log.info("ingest step %s took %.2f s", name, time.perf_counter() - start)
+    return timing.step(log, "ingest", name)
 
 
 def run(spark: SparkSession, cfg: Config, dataset: str, source: str,

@@ -34,7 +34,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import IntegerType, StringType
 
-from oncolake import imaging, lake
+from oncolake import imaging, lake, timing
 from oncolake.config import Config, HdfsConfig, PreprocessConfig
 from oncolake.errors import ConfigError, DataQualityError
 
@@ -92,20 +92,25 @@ def run(spark: SparkSession, cfg: Config, dataset: str) -> dict[str, Any]:
     return _run(spark, cfg, dataset, lake_uri, source_version, _labelled(bronze, pcfg))
 
 
+def _step(name: str):
+    return timing.step(log, "preprocess", name)
+
+
 def _run(spark, cfg, dataset, lake_uri, source_version, labelled) -> dict[str, Any]:
     pcfg = cfg.preprocess
-    counts = {r["label"]: r["count"] for r in labelled.groupBy("label").count().collect()}
+    with _step("count labels"):
+        counts = {r["label"]: r["count"] for r in labelled.groupBy("label").count().collect()}
     unknown = counts.pop(None, 0)
     if not counts:
         raise DataQualityError(f"dataset {dataset} has no labelled images ({unknown} with unknown labels)")
     if len(counts) < 2:
         raise DataQualityError(f"dataset {dataset} has a single class ({counts}); need benign and malignant")
-    digest = labelled.filter(F.col("label").isNotNull()).select(
-        F.sum(F.xxhash64("image_id", "label", "group_id").cast("decimal(38,0)")).cast("string")).first()[0]
-    fingerprint = _fingerprint(pcfg, digest)
-
-    versions = published_versions(spark, lake_uri, dataset)
-    manifests = {v: read_manifest(spark, lake_uri, dataset, v) for v in versions}
+    with _step("fingerprint"):
+        digest = labelled.filter(F.col("label").isNotNull()).select(
+            F.sum(F.xxhash64("image_id", "label", "group_id").cast("decimal(38,0)")).cast("string")).first()[0]
+        fingerprint = _fingerprint(pcfg, digest)
+        versions = published_versions(spark, lake_uri, dataset)
+        manifests = {v: read_manifest(spark, lake_uri, dataset, v) for v in versions}
     for version, manifest in manifests.items():
         if manifest.get("fingerprint") == fingerprint:
             log.info("tensors v%d already hold this data and configuration", version)
@@ -118,14 +123,11 @@ def _run(spark, cfg, dataset, lake_uri, source_version, labelled) -> dict[str, A
     tensors = assigned.mapInPandas(
         lambda it: _tensor_batches(it, pcfg.size, pcfg.resize), _TENSORS).persist(StorageLevel.DISK_ONLY)
     try:
-        failures = tensors.filter(F.col("error").isNotNull()).count()
-        good = tensors.filter(F.col("error").isNull())
-        class_counts = {s: {"0": 0, "1": 0} for s in SPLITS}
-        for r in good.groupBy("split", "label").count().collect():
-            class_counts[r["split"]][str(r["label"])] = r["count"]
+        with _step("split, decode and tally"):
+            failures, class_counts, norm = _tally(tensors, pcfg.size)
         if any(sum(class_counts[s].values()) == 0 for s in SPLITS):
             raise DataQualityError(f"dataset {dataset} is too small to fill train, val and test: {class_counts}")
-        norm = _normalisation(good.filter(F.col("split") == "train"), pcfg.size)
+        good = tensors.filter(F.col("error").isNull())
         train, balance_info = _balance(good.filter(F.col("split") == "train"), class_counts["train"], pcfg)
         version = (versions[-1] + 1) if versions else 1
         manifest = {
@@ -251,15 +253,33 @@ def _tensor_batches(batches: Iterator[pd.DataFrame], size: int, policy: str) -> 
         yield out
 
 
-def _normalisation(train: DataFrame, size: int) -> dict[str, Any]:
-    """Per-channel mean and standard deviation of the training split's pixels (0-255 scale)."""
-    sums = train.agg(*[F.sum(c).alias(c) for c in ("s0", "s1", "s2", "q0", "q1", "q2")],
-                     F.count("*").alias("n")).first()
-    pixels = sums["n"] * size * size
-    mean = [sums[f"s{c}"] / pixels for c in range(3)]
-    std = [math.sqrt(max(sums[f"q{c}"] / pixels - mean[c] ** 2, 0.0)) for c in range(3)]
-    return {"mean": [round(m, 4) for m in mean], "std": [round(s, 4) for s in std],
-            "computed_on": "train", "images": sums["n"]}
+def _tally(tensors: DataFrame, size: int) -> tuple[int, dict[str, dict[str, int]], dict[str, Any]]:
+    """Decode failures, class counts per split and the normalisation, in one pass.
+
+    Normalisation is the per-channel mean and standard deviation of the
+    training split's pixels (0-255 scale), from the per-image sums.
+    """
+    sums = ("s0", "s1", "s2", "q0", "q1", "q2")
+    rows = (tensors.groupBy("split", "label", F.col("error").isNull().alias("ok"))
+            .agg(F.count("*").alias("n"), *[F.sum(c).alias(c) for c in sums]).collect())
+    failures = sum(r["n"] for r in rows if not r["ok"])
+    class_counts = {s: {"0": 0, "1": 0} for s in SPLITS}
+    total = dict.fromkeys(sums, 0.0)
+    images = 0
+    for r in rows:
+        if not r["ok"]:
+            continue
+        class_counts[r["split"]][str(r["label"])] = r["n"]
+        if r["split"] == "train":
+            images += r["n"]
+            for c in sums:
+                total[c] += r[c]
+    pixels = max(images, 1) * size * size
+    mean = [total[f"s{c}"] / pixels for c in range(3)]
+    std = [math.sqrt(max(total[f"q{c}"] / pixels - mean[c] ** 2, 0.0)) for c in range(3)]
+    norm = {"mean": [round(m, 4) for m in mean], "std": [round(s, 4) for s in std],
+            "computed_on": "train", "images": images}
+    return failures, class_counts, norm
 
 
 def _balance(train: DataFrame, counts: dict[str, int], pcfg: PreprocessConfig) -> tuple[DataFrame, dict]:
@@ -312,11 +332,13 @@ def _publish(spark: SparkSession, lake_uri: str, dataset: str, version: int, par
             url = f"{tmp}/split={split}"
             factory = (None if lake.is_local(url) else
                        functools.partial(lake.petastorm_filesystem, url, hdfs))
-            with materialize_dataset(spark, url, schema, row_group_size_mb=group_mb, filesystem_factory=factory):
+            with _step(f"write {split}"), materialize_dataset(spark, url, schema, row_group_size_mb=group_mb,
+                                                              filesystem_factory=factory):
                 (frame.select("image_id", "label", "group_id", "image").repartition(files)
                  .sortWithinPartitions("image_id").write.mode("overwrite").parquet(url))
         lake.write_text(spark, f"{tmp}/manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
-        _record_splits(spark, splits_uri, dataset, version, good)
+        with _step("record splits"):
+            _record_splits(spark, splits_uri, dataset, version, good)
         target = f"{root}/v{version}"
         if not lake.rename(spark, tmp, target):
             raise DataQualityError(f"{target} appeared while this run was writing it (a concurrent run?); "
