@@ -29,7 +29,6 @@ from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
-from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import IntegerType, StringType
@@ -120,16 +119,24 @@ def _run(spark, cfg, dataset, lake_uri, source_version, labelled) -> dict[str, A
     prior = _prior_assignments(spark, splits_uri, dataset, manifests, pcfg)
     images = labelled.filter(F.col("label").isNotNull())
     assigned = _assign_splits(images, prior, pcfg)
-    tensors = assigned.mapInPandas(
-        lambda it: _tensor_batches(it, pcfg.size, pcfg.resize), _TENSORS).persist(StorageLevel.DISK_ONLY)
+    version = (versions[-1] + 1) if versions else 1
+    # Everything is built under _tmp-* (ignored by readers) and renamed into place.
+    tmp = f"{tensors_root(lake_uri, dataset)}/_tmp-v{version}-{uuid.uuid4().hex[:8]}"
     try:
-        with _step("split, decode and tally"):
+        # Decode once into a staging Parquet table partitioned by split: later
+        # passes read only the columns (tally, lineage) or the split (each
+        # Petastorm write) they need, instead of every tensor every time.
+        stage = f"{tmp}/_stage"
+        with _step("split and decode"):
+            (assigned.mapInPandas(lambda it: _tensor_batches(it, pcfg.size, pcfg.resize), _TENSORS)
+             .write.partitionBy("split").parquet(stage))
+        tensors = spark.read.parquet(stage)
+        with _step("tally"):
             failures, class_counts, norm = _tally(tensors, pcfg.size)
         if any(sum(class_counts[s].values()) == 0 for s in SPLITS):
             raise DataQualityError(f"dataset {dataset} is too small to fill train, val and test: {class_counts}")
         good = tensors.filter(F.col("error").isNull())
         train, balance_info = _balance(good.filter(F.col("split") == "train"), class_counts["train"], pcfg)
-        version = (versions[-1] + 1) if versions else 1
         manifest = {
             "dataset": dataset, "version": version, "fingerprint": fingerprint,
             "source_table": lake.table_uri(lake_uri, "bronze.images"),
@@ -142,12 +149,11 @@ def _run(spark, cfg, dataset, lake_uri, source_version, labelled) -> dict[str, A
         }
         parts = {"train": train, "val": good.filter(F.col("split") == "val"),
                  "test": good.filter(F.col("split") == "test")}
-        version = _publish(spark, lake_uri, dataset, version, parts, manifest, splits_uri, good,
-                           pcfg.rows_per_row_group, cfg.hdfs)
-        manifest["version"] = version
+        _publish(spark, tmp, parts, manifest, splits_uri, good, pcfg.rows_per_row_group, cfg.hdfs)
         return _summary(dataset, version, tensors_root(lake_uri, dataset), manifest, created=True)
     finally:
-        tensors.unpersist()
+        if lake.exists(spark, tmp):
+            lake.delete(spark, tmp)
 
 
 def _check(pcfg: PreprocessConfig) -> None:
@@ -313,41 +319,35 @@ def _balance(train: DataFrame, counts: dict[str, int], pcfg: PreprocessConfig) -
     return train, info
 
 
-def _publish(spark: SparkSession, lake_uri: str, dataset: str, version: int, parts: dict[str, DataFrame],
-             manifest: dict[str, Any], splits_uri: str, good: DataFrame, rows_per_group: int,
-             hdfs: HdfsConfig) -> int:
-    """Write the splits under a temporary name, record lineage, then rename into place."""
+def _publish(spark: SparkSession, tmp: str, parts: dict[str, DataFrame], manifest: dict[str, Any],
+             splits_uri: str, good: DataFrame, rows_per_group: int, hdfs: HdfsConfig) -> None:
+    """Write the splits under ``tmp``, record lineage, then rename ``tmp`` into place as the version."""
     from petastorm.etl.dataset_metadata import materialize_dataset
-    root = tensors_root(lake_uri, dataset)
-    tmp = f"{root}/_tmp-v{version}-{uuid.uuid4().hex[:8]}"
+    dataset, version = manifest["dataset"], manifest["version"]
     schema = tensor_schema(manifest["size"])
     row_bytes = manifest["size"] ** 2 * 3 + 128
     group_mb = max(1, math.ceil(rows_per_group * row_bytes / 2 ** 20))
-    try:
-        for split, frame in parts.items():
-            rows = manifest["balancing"]["after"] if split == "train" else manifest["class_counts"][split]
-            n = sum(rows.values())
-            # Petastorm shards by row group: enough files for MIN_FILES Horovod ranks.
-            files = max(min(MIN_FILES, n), math.ceil(n * row_bytes / (64 * 2 ** 20)))
-            url = f"{tmp}/split={split}"
-            factory = (None if lake.is_local(url) else
-                       functools.partial(lake.petastorm_filesystem, url, hdfs))
-            with _step(f"write {split}"), materialize_dataset(spark, url, schema, row_group_size_mb=group_mb,
-                                                              filesystem_factory=factory):
-                (frame.select("image_id", "label", "group_id", "image").repartition(files)
-                 .sortWithinPartitions("image_id").write.mode("overwrite").parquet(url))
-        lake.write_text(spark, f"{tmp}/manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
-        with _step("record splits"):
-            _record_splits(spark, splits_uri, dataset, version, good)
-        target = f"{root}/v{version}"
-        if not lake.rename(spark, tmp, target):
-            raise DataQualityError(f"{target} appeared while this run was writing it (a concurrent run?); "
-                                   "run again")
-        log.info("published %s", target)
-        return version
-    finally:
-        if lake.exists(spark, tmp):
-            lake.delete(spark, tmp)
+    for split, frame in parts.items():
+        rows = manifest["balancing"]["after"] if split == "train" else manifest["class_counts"][split]
+        n = sum(rows.values())
+        # Petastorm shards by row group: enough files for MIN_FILES Horovod ranks.
+        files = max(min(MIN_FILES, n), math.ceil(n * row_bytes / (64 * 2 ** 20)))
+        url = f"{tmp}/split={split}"
+        factory = (None if lake.is_local(url) else
+                   functools.partial(lake.petastorm_filesystem, url, hdfs))
+        with _step(f"write {split}"), materialize_dataset(spark, url, schema, row_group_size_mb=group_mb,
+                                                          filesystem_factory=factory):
+            (frame.select("image_id", "label", "group_id", "image").repartition(files)
+             .sortWithinPartitions("image_id").write.mode("overwrite").parquet(url))
+    with _step("record splits"):
+        _record_splits(spark, splits_uri, dataset, version, good)
+    lake.delete(spark, f"{tmp}/_stage")
+    lake.write_text(spark, f"{tmp}/manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
+    target = tmp.rsplit("/", 1)[0] + f"/v{version}"
+    if not lake.rename(spark, tmp, target):
+        raise DataQualityError(f"{target} appeared while this run was writing it (a concurrent run?); "
+                               "run again")
+    log.info("published %s", target)
 
 
 def _record_splits(spark: SparkSession, uri: str, dataset: str, version: int, good: DataFrame) -> None:
