@@ -97,17 +97,22 @@ def _step(name: str):
 
 def _run(spark, cfg, dataset, lake_uri, source_version, labelled) -> dict[str, Any]:
     pcfg = cfg.preprocess
-    with _step("count labels"):
-        counts = {r["label"]: r["count"] for r in labelled.groupBy("label").count().collect()}
+    with _step("count labels and fingerprint"):
+        # One pass over the small columns: images per label, and a digest of
+        # the labelled images that says whether an existing version holds them.
+        rows = labelled.groupBy("label").agg(
+            F.count("*").alias("count"),
+            F.sum(F.xxhash64("image_id", "label", "group_id").cast("decimal(38,0)")).alias("digest")).collect()
+        counts = {r["label"]: r["count"] for r in rows}
+        sums = [r["digest"] for r in rows if r["label"] is not None]
+        digest = str(sum(sums)) if sums else None  # as Spark renders the decimal(38,0) sum
+        fingerprint = _fingerprint(pcfg, digest)
     unknown = counts.pop(None, 0)
     if not counts:
         raise DataQualityError(f"dataset {dataset} has no labelled images ({unknown} with unknown labels)")
     if len(counts) < 2:
         raise DataQualityError(f"dataset {dataset} has a single class ({counts}); need benign and malignant")
-    with _step("fingerprint"):
-        digest = labelled.filter(F.col("label").isNotNull()).select(
-            F.sum(F.xxhash64("image_id", "label", "group_id").cast("decimal(38,0)")).cast("string")).first()[0]
-        fingerprint = _fingerprint(pcfg, digest)
+    with _step("list versions"):
         versions = published_versions(spark, lake_uri, dataset)
         manifests = {v: read_manifest(spark, lake_uri, dataset, v) for v in versions}
     for version, manifest in manifests.items():
@@ -126,7 +131,7 @@ def _run(spark, cfg, dataset, lake_uri, source_version, labelled) -> dict[str, A
         # Decode once into a staging Parquet table partitioned by split: later
         # passes read only the columns (tally, lineage) or the split (each
         # Petastorm write) they need, instead of every tensor every time.
-        stage = f"{tmp}/_stage"
+        stage = f"{tmp}/stage"  # not "_stage": Spark warns about reading paths that start with _
         with _step("split and decode"):
             (assigned.mapInPandas(lambda it: _tensor_batches(it, pcfg.size, pcfg.resize), _TENSORS)
              .write.partitionBy("split").parquet(stage))
@@ -341,7 +346,7 @@ def _publish(spark: SparkSession, tmp: str, parts: dict[str, DataFrame], manifes
              .sortWithinPartitions("image_id").write.mode("overwrite").parquet(url))
     with _step("record splits"):
         _record_splits(spark, splits_uri, dataset, version, good)
-    lake.delete(spark, f"{tmp}/_stage")
+    lake.delete(spark, f"{tmp}/stage")
     lake.write_text(spark, f"{tmp}/manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
     target = tmp.rsplit("/", 1)[0] + f"/v{version}"
     if not lake.rename(spark, tmp, target):
