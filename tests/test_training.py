@@ -83,6 +83,9 @@ def test_horovod_two_ranks_train_one_epoch_with_identical_weights(spark, tmp_pat
     # about 42 training images in batches of 8 on 2 ranks make 3 steps; the floor makes 5
     assert summary["steps_per_epoch"] == 5
     assert summary["ranks_identical"] is True
+    # throughput comes from the training steps alone, timed inside the whole fit
+    assert len(summary["epoch_train_seconds"]) == 1 and summary["images_per_sec"] > 0
+    assert 0 < summary["epoch_train_seconds"][0] < summary["fit_seconds"]
     model_dir = Path(summary["model_uri"].removeprefix("file:"))
     record = json.loads((model_dir / "model.json").read_text())
     assert len(record["weights_digests"]) == 1 and record["tensors_version"] == 1
