@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import time
 from pathlib import Path
 
 import cv2
@@ -189,9 +192,15 @@ def test_a_run_killed_half_way_leaves_no_readable_version(spark, tmp_path, capsy
     assert preprocess.published_versions(spark, lakefs.qualify(spark, lake), "kill") == []
     monkeypatch.undo()
 
+    # a second killed run, a day ago: the next run deletes its leftovers, not the fresh ones
+    stale = root / "_tmp-v1-stale"
+    shutil.copytree(root / leftovers[0], stale)
+    day_ago = time.time() - preprocess.ABANDONED_AFTER_S - 60
+    os.utime(stale, (day_ago, day_ago))
     code, out, err = run(preprocess_job, capsys, "--lake", lake, "--dataset", "kill", "--size", "16")
     assert code == 0 and out["version"] == 1, err
     assert spark.read.parquet(out["output"] + "/split=train").count() == out["train"]
+    assert sorted(p.name for p in root.iterdir()) == sorted(leftovers + ["v1"])
 
 
 def test_no_labels_or_one_class_exits_3(spark, tmp_path, capsys):

@@ -109,10 +109,16 @@ def delete(spark: SparkSession, uri: str) -> None:
 
 def list_dir(spark: SparkSession, uri: str) -> list[str]:
     """Names of the entries directly under ``uri`` (empty if it does not exist)."""
+    return sorted(ages(spark, uri))
+
+
+def ages(spark: SparkSession, uri: str) -> dict[str, float]:
+    """Seconds since each entry directly under ``uri`` was last modified (empty if it does not exist)."""
     path, fs = _hadoop_path(spark, uri)
     if not fs.exists(path):
-        return []
-    return sorted(str(s.getPath().getName()) for s in fs.listStatus(path))
+        return {}
+    now_ms = time.time() * 1000
+    return {str(s.getPath().getName()): (now_ms - s.getModificationTime()) / 1000 for s in fs.listStatus(path)}
 
 
 def copy(spark: SparkSession, src: str, dst: str) -> None:

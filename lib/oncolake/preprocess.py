@@ -45,6 +45,9 @@ _VERSION = re.compile(r"^v(\d+)$")
 #: Each split is written as at least this many files (row groups), so up to this
 #: many training processes each get a shard.
 MIN_FILES = 4
+#: A ``_tmp-*`` folder this old was left by a killed run (a live run finishes
+#: far sooner) and is deleted by the next run.
+ABANDONED_AFTER_S = 24 * 3600
 _TENSORS = ("image_id string, label int, group_id string, split string, image binary, "
             "s0 double, s1 double, s2 double, q0 double, q1 double, q2 double, error string")
 
@@ -120,6 +123,7 @@ def _run(spark, cfg, dataset, lake_uri, source_version, labelled) -> dict[str, A
             log.info("tensors v%d already hold this data and configuration", version)
             return _summary(dataset, version, tensors_root(lake_uri, dataset), manifest, created=False)
 
+    _sweep_abandoned(spark, tensors_root(lake_uri, dataset))
     splits_uri = lake.table_uri(lake_uri, "silver.splits")
     prior = _prior_assignments(spark, splits_uri, dataset, manifests, pcfg)
     images = labelled.filter(F.col("label").isNotNull())
@@ -159,6 +163,18 @@ def _run(spark, cfg, dataset, lake_uri, source_version, labelled) -> dict[str, A
     finally:
         if lake.exists(spark, tmp):
             lake.delete(spark, tmp)
+
+
+def _sweep_abandoned(spark: SparkSession, root: str) -> None:
+    """Delete the ``_tmp-*`` folders of runs killed more than ABANDONED_AFTER_S ago.
+
+    Readers never see them, but a killed run can leave a whole staging table
+    behind; younger ones may belong to a run still going and are left alone.
+    """
+    for name, age in lake.ages(spark, root).items():
+        if name.startswith("_tmp-") and age > ABANDONED_AFTER_S:
+            log.info("deleting %s/%s, left by a run killed %.0f hours ago", root, name, age / 3600)
+            lake.delete(spark, f"{root}/{name}")
 
 
 def _check(pcfg: PreprocessConfig) -> None:
