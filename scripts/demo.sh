@@ -30,10 +30,22 @@ step() {
   "$root/scripts/submit.sh" "$@" 2>>"$log" | tail -1
 }
 step "ingest $data" ingest --lake "$lake" --dataset "$dataset" --input "$data" --labels "$data/labels.csv"
-step "preprocess" preprocess --lake "$lake" --dataset "$dataset" --size 64
+step "preprocess" preprocess --lake "$lake" --dataset "$dataset" --size 64 --set preprocess.balance=class_weight
+# BUSI's settings from docs/results.md (run 4), with a shorter epoch budget
+step "train (2 Horovod processes)" train --lake "$lake" --dataset "$dataset" --epochs 15 --num-proc 2 \
+    --set train.min_steps_per_epoch=20 --set train.patience=8
+step "evaluate (test split only)" evaluate --lake "$lake" --dataset "$dataset"
+step "score (every ingest date not yet scored)" score --lake "$lake" --dataset "$dataset"
+echo "== predictions by known label (Spark SQL; every ingested image, training ones included:" \
+     "the honest figures are the evaluation's)" >&2
+"$root/scripts/sql.sh" --lake "$lake" "SELECT known_label, predicted_label, count(*) AS images,
+    round(avg(probability), 3) AS mean_probability FROM oncolake.latest_predictions
+    GROUP BY known_label, predicted_label ORDER BY known_label, predicted_label" 2>>"$log" | grep -E '^[+|]'
 echo "== the lake ($lake)" >&2
 echo "bronze images:     $lake/bronze/images"
 echo "bronze quarantine: $lake/bronze/quarantine"
 echo "silver tensors:    $lake/silver/tensors/$dataset/"
 echo "silver splits:     $lake/silver/splits"
+echo "models:            $lake/models/$dataset/ (report.html beside each evaluated model)"
+echo "predictions:       $lake/gold/predictions  (SQL: scripts/sql.sh --lake $lake \"SELECT ... FROM oncolake.latest_predictions\")"
 echo "(Spark logs: $log)"
