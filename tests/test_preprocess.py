@@ -203,6 +203,28 @@ def test_a_run_killed_half_way_leaves_no_readable_version(spark, tmp_path, capsy
     assert sorted(p.name for p in root.iterdir()) == sorted(leftovers + ["v1"])
 
 
+def test_an_image_that_fails_to_decode_is_counted_and_left_out(spark, tmp_path, capsys):
+    from pyspark.sql import functions as F
+    folder, lake = tmp_path / "in", str(tmp_path / "lake")
+    make_folder(folder, groups=12, per_group=2, seed=8, malignant_every=3)
+    summary = ingest(capsys, lake, folder, "rot")
+    # Bytes that rotted in the lake after ingest validated them: a labelled row that no longer decodes.
+    bad_id = "f" * 64
+    (spark.read.format("delta").load(summary["table"]).filter("dataset = 'rot'").limit(1)
+     .withColumn("image_id", F.lit(bad_id)).withColumn("content", F.lit(b"\xff\xd8\xff\xe0 not a jpeg"))
+     .withColumn("group_id", F.lit("rotten")).write.format("delta").mode("append").save(summary["table"]))
+    code, out, err = run(preprocess_job, capsys, "--lake", lake, "--dataset", "rot", "--size", "16",
+                         "--set", "preprocess.balance=oversample")
+    assert code == 0, err
+    assert out["decode_failures"] == 1
+    assert out["train"] + out["val"] + out["test"] == summary["valid"]  # the rotten row is in none
+    lineage = splits_of(spark, lake, "rot", out["version"])
+    assert bad_id not in lineage and len(lineage) == summary["valid"]
+    written = spark.read.parquet(out["output"].removeprefix("file:") + "/split=*").select("image_id")
+    assert written.filter(F.col("image_id") == bad_id).count() == 0
+    assert {r.image_id for r in written.distinct().collect()} == set(lineage)
+
+
 def test_no_labels_or_one_class_exits_3(spark, tmp_path, capsys):
     folder, lake = tmp_path / "in", str(tmp_path / "lake")
     make_folder(folder, groups=4, per_group=1, seed=7, start=1, malignant_every=100)  # benign only

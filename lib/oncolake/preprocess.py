@@ -11,12 +11,17 @@ order of a seeded hash of their id, to whichever split is furthest below its
 target share of the group's label. So a rerun gives the same split, new images
 never move old ones, and class ratios stay close to the whole in every split.
 
-A version is built under ``_tmp-*`` (ignored by readers) and renamed into
-place only when complete, so a killed run leaves nothing readable.
+Each image's bytes are read and decoded once: one Spark job decodes, balances
+(copies or drops training rows as planned from the label counts), tallies
+(class counts, decode failures, normalisation sums, through ``observe``) and
+writes all three splits. A version is built under ``_tmp-*`` (ignored by
+readers) and renamed into place only when complete, so a killed run leaves
+nothing readable.
 """
 from __future__ import annotations
 
 import dataclasses
+import contextlib
 import datetime as dt
 import functools
 import io
@@ -29,7 +34,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import IntegerType, StringType
 
@@ -45,10 +50,13 @@ _VERSION = re.compile(r"^v(\d+)$")
 #: Each split is written as at least this many files (row groups), so up to this
 #: many training processes each get a shard.
 MIN_FILES = 4
+#: Tensor bytes per decode task (and so per output file of the training split).
+TASK_BYTES = 64 * 2 ** 20
 #: A ``_tmp-*`` folder this old was left by a killed run (a live run finishes
 #: far sooner) and is deleted by the next run.
 ABANDONED_AFTER_S = 24 * 3600
-_TENSORS = ("image_id string, label int, group_id string, split string, image binary, "
+_SUMS = ("s0", "s1", "s2", "q0", "q1", "q2")
+_TENSORS = ("image_id string, label int, group_id string, split string, image binary, keep boolean, first boolean, "
             "s0 double, s1 double, s2 double, q0 double, q1 double, q2 double, error string")
 
 
@@ -125,50 +133,58 @@ def _run(spark, cfg, dataset, lake_uri, source_version, labelled) -> dict[str, A
 
     _sweep_abandoned(spark, tensors_root(lake_uri, dataset))
     splits_uri = lake.table_uri(lake_uri, "silver.splits")
-    prior = _prior_assignments(spark, splits_uri, dataset, manifests, pcfg)
     images = labelled.filter(F.col("label").isNotNull())
-    assigned = _assign_splits(images, prior, pcfg)
+    # group -> split is small: kept, so the plan and the decode see one assignment.
+    assignment = _assign_splits(images.drop("content"), _prior_assignments(
+        spark, splits_uri, dataset, manifests, pcfg), pcfg).persist()
     version = (versions[-1] + 1) if versions else 1
     # Everything is built under _tmp-* (ignored by readers) and renamed into place.
     tmp = f"{tensors_root(lake_uri, dataset)}/_tmp-v{version}-{uuid.uuid4().hex[:8]}"
     try:
-        # Decode once into a staging Parquet table partitioned by split: later
-        # passes read only the columns (tally, lineage) or the split (each
-        # Petastorm write) they need, instead of every tensor every time.
-        stage = f"{tmp}/stage"  # not "_stage": Spark warns about reading paths that start with _
-        with _step("split and decode"):
-            (assigned.mapInPandas(lambda it: _tensor_batches(it, pcfg.size, pcfg.resize), _TENSORS)
-             .write.partitionBy("split").parquet(stage))
-        tensors = spark.read.parquet(stage)
-        with _step("tally"):
-            failures, class_counts, norm = _tally(tensors, pcfg.size)
-        if any(sum(class_counts[s].values()) == 0 for s in SPLITS):
-            raise DataQualityError(f"dataset {dataset} is too small to fill train, val and test: {class_counts}")
-        good = tensors.filter(F.col("error").isNull())
-        train, balance_info = _balance(good.filter(F.col("split") == "train"), class_counts["train"], pcfg)
+        meta = images.drop("content").join(F.broadcast(assignment), "group_key")
+        with _step("plan"):
+            planned = {s: {"0": 0, "1": 0} for s in SPLITS}
+            for r in meta.groupBy("split", "label").count().collect():
+                planned[r["split"]][str(r["label"])] = r["count"]
+            _check_filled(dataset, planned)
+            copies, planned_after = _balance_plan(meta.filter(F.col("split") == "train"), planned["train"], pcfg)
+        expected = sum(sum(planned[s].values()) for s in ("val", "test")) + sum(planned_after.values())
+        with _step("decode, balance and write"):
+            tally = _write_tensors(spark, tmp, images.join(F.broadcast(assignment), "group_key")
+                                   .withColumn("copies", copies), pcfg, expected, dataset, cfg.hdfs)
+        class_counts, failed = tally["class_counts"], tally["failed"]
         manifest = {
             "dataset": dataset, "version": version, "fingerprint": fingerprint,
             "source_table": lake.table_uri(lake_uri, "bronze.images"),
             "source_table_version": source_version, "size": pcfg.size, "resize": pcfg.resize,
             "seed": pcfg.seed, "split_fractions": dict(pcfg.split),
-            "class_counts": class_counts, "balancing": balance_info, "normalisation": norm,
-            "unknown_labels": unknown, "decode_failures": failures,
+            "class_counts": class_counts, "balancing": _balance_info(class_counts["train"], tally["written"]["train"], pcfg),
+            "normalisation": tally["normalisation"],
+            "unknown_labels": unknown, "decode_failures": len(failed),
             "label_mapping": {"1": list(pcfg.positive_labels), "0": list(pcfg.negative_labels)},
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
-        parts = {"train": train, "val": good.filter(F.col("split") == "val"),
-                 "test": good.filter(F.col("split") == "test")}
-        _publish(spark, tmp, parts, manifest, splits_uri, good, pcfg.rows_per_row_group, cfg.hdfs)
+        with _step("record splits"):
+            good = meta.join(F.broadcast(spark.createDataFrame([(i,) for i in failed], "image_id string")),
+                             "image_id", "left_anti") if failed else meta
+            _record_splits(spark, splits_uri, dataset, version, good)
+        _publish(spark, tmp, manifest)
         return _summary(dataset, version, tensors_root(lake_uri, dataset), manifest, created=True)
     finally:
+        assignment.unpersist()
         if lake.exists(spark, tmp):
             lake.delete(spark, tmp)
+
+
+def _check_filled(dataset: str, counts: dict[str, dict[str, int]]) -> None:
+    if any(sum(counts[s].values()) == 0 for s in SPLITS):
+        raise DataQualityError(f"dataset {dataset} is too small to fill train, val and test: {counts}")
 
 
 def _sweep_abandoned(spark: SparkSession, root: str) -> None:
     """Delete the ``_tmp-*`` folders of runs killed more than ABANDONED_AFTER_S ago.
 
-    Readers never see them, but a killed run can leave a whole staging table
+    Readers never see them, but a killed run can leave a whole set of tensors
     behind; younger ones may belong to a run still going and are left alone.
     """
     for name, age in lake.ages(spark, root).items():
@@ -219,7 +235,7 @@ def _prior_assignments(spark: SparkSession, splits_uri: str, dataset: str, manif
 
 
 def _assign_splits(images: DataFrame, prior: DataFrame | None, pcfg: PreprocessConfig) -> DataFrame:
-    """Add ``split`` to every image: grouped, stratified, stable (see the module doc)."""
+    """group_key -> split for every group: grouped, stratified, stable (see the module doc)."""
     groups = (images.groupBy("group_key").agg(F.count("*").alias("images"), F.max("label").alias("stratum"))
               .withColumn("order", F.xxhash64(F.lit(pcfg.seed), "group_key")))
     if prior is not None:
@@ -227,9 +243,7 @@ def _assign_splits(images: DataFrame, prior: DataFrame | None, pcfg: PreprocessC
     else:
         groups = groups.withColumn("prior", F.lit(None).cast("string"))
     fractions = dict(pcfg.split)
-    assignment = groups.groupBy("stratum").applyInPandas(
-        lambda pdf: _deal(pdf, fractions), "group_key string, split string")
-    return images.join(F.broadcast(assignment), "group_key")
+    return groups.groupBy("stratum").applyInPandas(lambda pdf: _deal(pdf, fractions), "group_key string, split string")
 
 
 def _deal(groups: pd.DataFrame, fractions: dict[str, float]) -> pd.DataFrame:
@@ -252,119 +266,160 @@ def _deal(groups: pd.DataFrame, fractions: dict[str, float]) -> pd.DataFrame:
 
 
 def _tensor_batches(batches: Iterator[pd.DataFrame], size: int, policy: str) -> Iterator[pd.DataFrame]:
-    """Executor side: bytes -> uint8 tensor (npy bytes, as Petastorm's NdarrayCodec stores it)."""
+    """Executor side: bytes -> uint8 tensor (npy bytes, as Petastorm's NdarrayCodec stores it).
+
+    An image comes out ``copies`` times (its balancing plan); the first row
+    carries its pixel sums and any decode error. An image planned out of the
+    training set (``copies`` 0) is still decoded for the statistics and comes
+    out once with ``keep`` false.
+    """
     import cv2
     cv2.setNumThreads(1)
+    columns = ["image_id", "label", "group_id", "split", "image", "keep", "first", *_SUMS, "error"]
     for batch in batches:
         rows = []
-        for image_id, label, group_id, split, content in zip(
-                batch["image_id"], batch["label"], batch["group_id"], batch["split"], batch["content"]):
+        for image_id, label, group_id, split, content, copies in zip(
+                batch["image_id"], batch["label"], batch["group_id"], batch["split"], batch["content"],
+                batch["copies"]):
             row = {"image_id": image_id, "label": label, "group_id": group_id, "split": split,
-                   "image": None, "error": None}
+                   "image": None, "keep": bool(copies > 0), "first": True, "error": None,
+                   **dict.fromkeys(_SUMS)}
             try:
                 tensor = imaging.prepare(bytes(content), size, policy)
             except (imaging.ImageError, cv2.error) as err:
-                row["error"] = str(err)[:200]
-            else:
+                rows.append({**row, "keep": False, "error": str(err)[:200]})
+                continue
+            if copies > 0:
                 buffer = io.BytesIO()
                 np.save(buffer, tensor)
                 row["image"] = buffer.getvalue()
-                pixels = tensor.reshape(-1, 3).astype(np.float64)
-                for c in range(3):
-                    row[f"s{c}"] = float(pixels[:, c].sum())
-                    row[f"q{c}"] = float((pixels[:, c] ** 2).sum())
-            rows.append(row)
-        out = pd.DataFrame(rows, columns=["image_id", "label", "group_id", "split", "image",
-                                          "s0", "s1", "s2", "q0", "q1", "q2", "error"])
+            pixels = tensor.reshape(-1, 3).astype(np.float64)
+            rows.append({**row, **{f"s{c}": float(pixels[:, c].sum()) for c in range(3)},
+                         **{f"q{c}": float((pixels[:, c] ** 2).sum()) for c in range(3)}})
+            rows.extend([{**row, "first": False}] * (int(copies) - 1))
+        out = pd.DataFrame(rows, columns=columns)
         out["label"] = out["label"].astype("int32")
         yield out
 
 
-def _tally(tensors: DataFrame, size: int) -> tuple[int, dict[str, dict[str, int]], dict[str, Any]]:
-    """Decode failures, class counts per split and the normalisation, in one pass.
+def _order(seed: int) -> Column:
+    """The seeded order in which balancing picks training images."""
+    return F.xxhash64(F.lit(seed), "image_id")
 
-    Normalisation is the per-channel mean and standard deviation of the
-    training split's pixels (0-255 scale), from the per-image sums.
+
+def _balance_plan(train: DataFrame, counts: dict[str, int], pcfg: PreprocessConfig) -> tuple[Column, dict]:
+    """How many times each image is written: the balancing of the training split.
+
+    Returns a column (1 outside training; 0 for an undersampled-away image;
+    2 or more for an oversampled one) and the training counts it promises.
+    The images picked are the first in the seeded order (ties by id), found
+    with one top-k query per class, so no image bytes move.
     """
-    sums = ("s0", "s1", "s2", "q0", "q1", "q2")
-    rows = (tensors.groupBy("split", "label", F.col("error").isNull().alias("ok"))
-            .agg(F.count("*").alias("n"), *[F.sum(c).alias(c) for c in sums]).collect())
-    failures = sum(r["n"] for r in rows if not r["ok"])
-    class_counts = {s: {"0": 0, "1": 0} for s in SPLITS}
-    total = dict.fromkeys(sums, 0.0)
-    images = 0
-    for r in rows:
-        if not r["ok"]:
-            continue
-        class_counts[r["split"]][str(r["label"])] = r["n"]
-        if r["split"] == "train":
-            images += r["n"]
-            for c in sums:
-                total[c] += r[c]
-    pixels = max(images, 1) * size * size
-    mean = [total[f"s{c}"] / pixels for c in range(3)]
-    std = [math.sqrt(max(total[f"q{c}"] / pixels - mean[c] ** 2, 0.0)) for c in range(3)]
-    norm = {"mean": [round(m, 4) for m in mean], "std": [round(s, 4) for s in std],
-            "computed_on": "train", "images": images}
-    return failures, class_counts, norm
+    one = F.lit(1)
+    if pcfg.balance not in ("undersample", "oversample"):
+        return one, dict(counts)
+    if min(counts.values()) == 0:
+        raise DataQualityError(f"cannot {pcfg.balance} a training split with one class: {counts}")
+    minority, majority = ("0", "1") if counts["0"] < counts["1"] else ("1", "0")
 
+    def first(label: str, n: int) -> Column:
+        """True for the ``n`` first training images of ``label`` in the seeded order."""
+        if n == 0:
+            return F.lit(False)
+        last = (train.filter(F.col("label") == int(label)).select(_order(pcfg.seed).alias("o"), "image_id")
+                .orderBy("o", "image_id").limit(n).agg(F.max(F.struct("o", "image_id")).alias("m")).first()["m"])
+        return (_order(pcfg.seed) < last["o"]) | ((_order(pcfg.seed) == last["o"]) & (F.col("image_id") <= last["image_id"]))
 
-def _balance(train: DataFrame, counts: dict[str, int], pcfg: PreprocessConfig) -> tuple[DataFrame, dict]:
-    """Balance the training split only; returns the rows and what was done."""
-    n0, n1 = counts["0"], counts["1"]
-    info: dict[str, Any] = {"method": pcfg.balance, "seed": pcfg.seed, "before": {"0": n0, "1": n1}}
-    minority, majority = ("0", "1") if n0 < n1 else ("1", "0")
-    order = F.xxhash64(F.lit(pcfg.seed), "image_id")
+    training = F.col("split") == "train"
     if pcfg.balance == "undersample":
-        from pyspark.sql.window import Window
-        rank = F.row_number().over(Window.partitionBy("label").orderBy(order, "image_id"))
-        train = (train.withColumn("_rank", rank)
-                 .filter((F.col("label") == int(minority)) | (F.col("_rank") <= counts[minority]))
-                 .drop("_rank"))
-        after = {minority: counts[minority], majority: counts[minority]}
-    elif pcfg.balance == "oversample":
-        whole, extra = divmod(counts[majority], counts[minority])
-        from pyspark.sql.window import Window
-        rank = F.row_number().over(Window.partitionBy("label").orderBy(order, "image_id"))
-        copies = F.when(F.col("label") == int(minority),
-                        F.lit(whole) + (F.col("_rank") <= extra).cast("int")).otherwise(1)
-        train = (train.withColumn("_rank", rank).withColumn("_copy", F.explode(F.sequence(F.lit(1), copies)))
-                 .drop("_rank", "_copy"))
-        after = {minority: counts[majority], majority: counts[majority]}
-    else:
-        after = {"0": n0, "1": n1}
-        if pcfg.balance == "class_weight":
-            total = n0 + n1
-            info["class_weight"] = {"0": round(total / (2 * n0), 6), "1": round(total / (2 * n1), 6)}
-    info["after"] = {k: after[k] for k in ("0", "1")}
-    return train, info
+        kept = first(majority, counts[minority])
+        copies = F.when(training & (F.col("label") == int(majority)), F.when(kept, 1).otherwise(0)).otherwise(one)
+        return copies, {minority: counts[minority], majority: counts[minority]}
+    whole, extra = divmod(counts[majority], counts[minority])
+    copies = F.when(training & (F.col("label") == int(minority)),
+                    F.lit(whole) + first(minority, extra).cast("int")).otherwise(one)
+    return copies, {minority: counts[majority], majority: counts[majority]}
 
 
-def _publish(spark: SparkSession, tmp: str, parts: dict[str, DataFrame], manifest: dict[str, Any],
-             splits_uri: str, good: DataFrame, rows_per_group: int, hdfs: HdfsConfig) -> None:
-    """Write the splits under ``tmp``, record lineage, then rename ``tmp`` into place as the version."""
+def _balance_info(before: dict[str, int], after: dict[str, int], pcfg: PreprocessConfig) -> dict[str, Any]:
+    info: dict[str, Any] = {"method": pcfg.balance, "seed": pcfg.seed,
+                            "before": dict(before), "after": {k: after[k] for k in ("0", "1")}}
+    if pcfg.balance == "class_weight":
+        total = before["0"] + before["1"]
+        info["class_weight"] = {k: round(total / (2 * before[k]), 6) for k in ("0", "1")}
+    return info
+
+
+def _tasks(spark: SparkSession, rows: int, size: int) -> int:
+    """Decode tasks: at least MIN_FILES, about TASK_BYTES of tensors each, whole waves of the cores."""
+    cores = max(spark.sparkContext.defaultParallelism, 1)
+    tasks = max(MIN_FILES, math.ceil(rows * (size ** 2 * 3 + 128) / TASK_BYTES))
+    return math.ceil(tasks / cores) * cores
+
+
+def _write_tensors(spark: SparkSession, tmp: str, planned: DataFrame, pcfg: PreprocessConfig, rows: int,
+                   dataset: str, hdfs: HdfsConfig) -> dict[str, Any]:
+    """Decode, balance and write the three splits under ``tmp`` in one pass; returns the tally.
+
+    The tally (rows written and images per split and label, decode failures,
+    the training split's pixel sums) is observed on the rows as they go by,
+    so nothing is read twice.
+    """
     from petastorm.etl.dataset_metadata import materialize_dataset
-    dataset, version = manifest["dataset"], manifest["version"]
-    schema = tensor_schema(manifest["size"])
-    row_bytes = manifest["size"] ** 2 * 3 + 128
-    group_mb = max(1, math.ceil(rows_per_group * row_bytes / 2 ** 20))
-    for split, frame in parts.items():
-        rows = manifest["balancing"]["after"] if split == "train" else manifest["class_counts"][split]
-        n = sum(rows.values())
-        # Petastorm shards by row group: enough files for MIN_FILES Horovod ranks.
-        files = max(min(MIN_FILES, n), math.ceil(n * row_bytes / (64 * 2 ** 20)))
-        url = f"{tmp}/split={split}"
-        factory = (None if lake.is_local(url) else
-                   functools.partial(lake.petastorm_filesystem, url, hdfs))
-        with _step(f"write {split}"), materialize_dataset(spark, url, schema, row_group_size_mb=group_mb,
-                                                          filesystem_factory=factory):
-            (frame.select("image_id", "label", "group_id", "image").repartition(files)
-             .sortWithinPartitions("image_id").write.mode("overwrite").parquet(url))
-    with _step("record splits"):
-        _record_splits(spark, splits_uri, dataset, version, good)
-    lake.delete(spark, f"{tmp}/stage")
+    tensors = (planned.select("image_id", "label", "group_id", "split", "content", "copies")
+               .repartition(_tasks(spark, rows, pcfg.size), "image_id")
+               .mapInPandas(lambda it: _tensor_batches(it, pcfg.size, pcfg.resize), _TENSORS))
+    ok, train = F.col("error").isNull(), F.col("split") == "train"
+
+    def count(condition: Column) -> Column:
+        return F.sum(F.when(condition, 1).otherwise(0))
+    cells = [(s, c) for s in SPLITS for c in ("0", "1")]
+    observation = Observation("tensors")
+    tensors = tensors.observe(
+        observation,
+        *[count(ok & F.col("keep") & (F.col("split") == s) & (F.col("label") == int(c))).alias(f"rows_{s}_{c}")
+          for s, c in cells],
+        *[count(ok & F.col("first") & (F.col("split") == s) & (F.col("label") == int(c))).alias(f"images_{s}_{c}")
+          for s, c in cells],
+        *[F.sum(F.when(ok & F.col("first") & train, F.col(c))).alias(c) for c in _SUMS],
+        # (a string: Observation hands arrays back as Java objects)
+        F.concat_ws(" ", F.collect_list(F.when(~ok, F.col("image_id")))).alias("failed"))
+    row_bytes = pcfg.size ** 2 * 3 + 128
+    group_mb = max(1, math.ceil(pcfg.rows_per_row_group * row_bytes / 2 ** 20))
+    schema = tensor_schema(pcfg.size)
+    with contextlib.ExitStack() as stack:
+        # Petastorm's metadata (schema, row groups per file) for each split's folder.
+        for split in SPLITS:
+            url = f"{tmp}/split={split}"
+            factory = None if lake.is_local(url) else functools.partial(lake.petastorm_filesystem, url, hdfs)
+            stack.enter_context(materialize_dataset(spark, url, schema, row_group_size_mb=group_mb,
+                                                    filesystem_factory=factory))
+        (tensors.filter(ok & F.col("keep")).select("image_id", "label", "group_id", "split", "image")
+         .write.partitionBy("split").parquet(tmp))
+        seen = observation.get
+        tally = {"written": {s: {c: seen[f"rows_{s}_{c}"] for c in ("0", "1")} for s in SPLITS},
+                 "class_counts": {s: {c: seen[f"images_{s}_{c}"] for c in ("0", "1")} for s in SPLITS},
+                 "failed": (seen["failed"] or "").split()}
+        _check_filled(dataset, tally["written"])
+    if tally["failed"]:
+        log.warning("%d images of %s failed to decode and were left out", len(tally["failed"]), dataset)
+    tally["normalisation"] = _normalisation(seen, sum(tally["class_counts"]["train"].values()), pcfg.size)
+    return tally
+
+
+def _normalisation(sums: dict[str, Any], images: int, size: int) -> dict[str, Any]:
+    """Per-channel mean and standard deviation (0-255 scale) from the training images' pixel sums."""
+    pixels = max(images, 1) * size * size
+    mean = [(sums[f"s{c}"] or 0.0) / pixels for c in range(3)]
+    std = [math.sqrt(max((sums[f"q{c}"] or 0.0) / pixels - mean[c] ** 2, 0.0)) for c in range(3)]
+    return {"mean": [round(m, 4) for m in mean], "std": [round(s, 4) for s in std],
+            "computed_on": "train", "images": images}
+
+
+def _publish(spark: SparkSession, tmp: str, manifest: dict[str, Any]) -> None:
+    """Write the manifest, then rename ``tmp`` into place as the version."""
     lake.write_text(spark, f"{tmp}/manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
-    target = tmp.rsplit("/", 1)[0] + f"/v{version}"
+    target = tmp.rsplit("/", 1)[0] + f"/v{manifest['version']}"
     if not lake.rename(spark, tmp, target):
         raise DataQualityError(f"{target} appeared while this run was writing it (a concurrent run?); "
                                "run again")
