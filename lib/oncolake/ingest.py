@@ -54,17 +54,23 @@ def run(spark: SparkSession, cfg: Config, dataset: str, source: str,
              dataset, root, labels, day, bronze_uri)
 
     with _step("list"):
-        listing = _list_files(spark, root)
+        reader = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(root)
         label_rows = _read_labels(spark, labels, icfg.group_columns) if labels else None
+        listing = _with_relative_path(reader.select("path", "length"), root)
         files = _classify(listing, label_rows, icfg.extensions, icfg.max_file_bytes)
         files.persist(StorageLevel.MEMORY_AND_DISK)
     inspected = bad = chosen = None
     try:
         with _step("classify"):
-            stats, odd = {}, 0
-            for r in files.groupBy("status", "has_image_ext").count().collect():
-                stats[r["status"]] = stats.get(r["status"], 0) + r["count"]
-                odd += r["count"] if r["status"] == "read" and not r["has_image_ext"] else 0
+            stats, odd = _file_counts(files)
+            indexed = len(reader._jdf.inputFiles())  # one call to the JVM, not one per file
+            if sum(stats.values()) != indexed:
+                # Spark's scan leaves zero-length files out; only the file index has them.
+                files.unpersist()
+                listing = _with_empty_files(spark, reader, listing, root)
+                files = _classify(listing, label_rows, icfg.extensions, icfg.max_file_bytes)
+                files.persist(StorageLevel.MEMORY_AND_DISK)
+                stats, odd = _file_counts(files)
             odd_paths = ([r["path"] for r in files.filter("status = 'read' AND NOT has_image_ext").collect()]
                          if odd else [])
         with _step("read and validate"):
@@ -140,20 +146,30 @@ def _parse_date(value: str | None) -> dt.date:
         raise ConfigError(f"--ingest-date must be YYYY-MM-DD, got {value!r}") from err
 
 
-def _list_files(spark: SparkSession, root: str) -> DataFrame:
-    """Every file under ``root`` with its size; no content is read (column pruning).
-
-    Spark's file scan leaves out zero-length files, so the file index's own
-    list of paths is the truth, and the scan's lengths are joined to it.
-    """
-    reader = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(root)
-    indexed = spark.createDataFrame([(_hadoop_path_string(uri),) for uri in reader.inputFiles()],
-                                    "path string")
-    sizes = reader.select("path", "length")
-    listing = indexed.join(sizes, "path", "left").select(
-        "path", F.coalesce("length", F.lit(0).cast("long")).alias("length"))
+def _with_relative_path(listing: DataFrame, root: str) -> DataFrame:
     # binaryFile's path column is Hadoop's Path.toString(): the folder, a slash, the name.
     return listing.withColumn("relative_path", F.expr(f"substring(path, {len(root) + 2})"))
+
+
+def _file_counts(files: DataFrame) -> tuple[dict[str, int], int]:
+    """Files per status, and how many are read without an image extension (the CSV names them)."""
+    stats, odd = {}, 0
+    for r in files.groupBy("status", "has_image_ext").count().collect():
+        stats[r["status"]] = stats.get(r["status"], 0) + r["count"]
+        odd += r["count"] if r["status"] == "read" and not r["has_image_ext"] else 0
+    return stats, odd
+
+
+def _with_empty_files(spark: SparkSession, reader: DataFrame, scanned: DataFrame, root: str) -> DataFrame:
+    """The scanned files plus the zero-length ones that only the file index lists.
+
+    Only taken when the counts differ: bringing the index's paths to Python
+    costs a call to the JVM per file.
+    """
+    known = {r["path"] for r in scanned.select("path").collect()}
+    empty = [(path, 0) for path in map(_hadoop_path_string, reader.inputFiles()) if path not in known]
+    log.info("%d zero-length files under %s", len(empty), root)
+    return scanned.unionByName(_with_relative_path(spark.createDataFrame(empty, "path string, length long"), root))
 
 
 def _hadoop_path_string(uri: str) -> str:
