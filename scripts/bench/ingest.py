@@ -5,7 +5,7 @@ Measured: oncolake's ingest (list, read, fully decode, hash, MERGE, quarantine).
 Both run in this one invocation on the same session, alternating, each into a
 fresh lake; prints one JSON line with images/s of both and their ratio.
 
-    scripts/bench.sh ingest [--data ../shared/data/ham10000] [--repeat 2]
+    scripts/bench.sh ingest [--data ../shared/data/ham10000] [--repeat 3]
 """
 import dataclasses
 import json
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def main(argv=None) -> int:
     p = cli.parser("bench-ingest", __doc__)
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "ham10000"))
-    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=3)
     args = p.parse_args(argv)
     cfg = cli.load_config(args)
     spark = session.build("bench-ingest", cfg)
