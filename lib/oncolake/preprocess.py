@@ -158,7 +158,8 @@ def _run(spark, cfg, dataset, lake_uri, source_version, labelled) -> dict[str, A
             "source_table": lake.table_uri(lake_uri, "bronze.images"),
             "source_table_version": source_version, "size": pcfg.size, "resize": pcfg.resize,
             "seed": pcfg.seed, "split_fractions": dict(pcfg.split),
-            "class_counts": class_counts, "balancing": _balance_info(class_counts["train"], tally["written"]["train"], pcfg),
+            "class_counts": class_counts,
+            "balancing": _balance_info(class_counts["train"], tally["written"]["train"], pcfg),
             "normalisation": tally["normalisation"],
             "unknown_labels": unknown, "decode_failures": len(failed),
             "label_mapping": {"1": list(pcfg.positive_labels), "0": list(pcfg.negative_labels)},
@@ -328,7 +329,8 @@ def _balance_plan(train: DataFrame, counts: dict[str, int], pcfg: PreprocessConf
             return F.lit(False)
         last = (train.filter(F.col("label") == int(label)).select(_order(pcfg.seed).alias("o"), "image_id")
                 .orderBy("o", "image_id").limit(n).agg(F.max(F.struct("o", "image_id")).alias("m")).first()["m"])
-        return (_order(pcfg.seed) < last["o"]) | ((_order(pcfg.seed) == last["o"]) & (F.col("image_id") <= last["image_id"]))
+        order = _order(pcfg.seed)
+        return (order < last["o"]) | ((order == last["o"]) & (F.col("image_id") <= last["image_id"]))
 
     training = F.col("split") == "train"
     if pcfg.balance == "undersample":
