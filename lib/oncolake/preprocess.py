@@ -352,10 +352,10 @@ def _balance_info(before: dict[str, int], after: dict[str, int], pcfg: Preproces
     return info
 
 
-def _tasks(spark: SparkSession, rows: int, size: int) -> int:
+def _tasks(spark: SparkSession, rows: int, row_bytes: int) -> int:
     """Decode tasks: at least MIN_FILES, about TASK_BYTES of tensors each, whole waves of the cores."""
     cores = max(spark.sparkContext.defaultParallelism, 1)
-    tasks = max(MIN_FILES, math.ceil(rows * (size ** 2 * 3 + 128) / TASK_BYTES))
+    tasks = max(MIN_FILES, math.ceil(rows * row_bytes / TASK_BYTES))
     return math.ceil(tasks / cores) * cores
 
 
@@ -368,8 +368,9 @@ def _write_tensors(spark: SparkSession, tmp: str, planned: DataFrame, pcfg: Prep
     so nothing is read twice.
     """
     from petastorm.etl.dataset_metadata import materialize_dataset
+    row_bytes = pcfg.size ** 2 * 3 + 128  # an npy tensor and its row's other columns
     tensors = (planned.select("image_id", "label", "group_id", "split", "content", "copies")
-               .repartition(_tasks(spark, rows, pcfg.size), "image_id")
+               .repartition(_tasks(spark, rows, row_bytes), "image_id")
                .mapInPandas(lambda it: _tensor_batches(it, pcfg.size, pcfg.resize), _TENSORS))
     ok, train = F.col("error").isNull(), F.col("split") == "train"
 
@@ -386,7 +387,6 @@ def _write_tensors(spark: SparkSession, tmp: str, planned: DataFrame, pcfg: Prep
         *[F.sum(F.when(ok & F.col("first") & train, F.col(c))).alias(c) for c in _SUMS],
         # (a string: Observation hands arrays back as Java objects)
         F.concat_ws(" ", F.collect_list(F.when(~ok, F.col("image_id")))).alias("failed"))
-    row_bytes = pcfg.size ** 2 * 3 + 128
     group_mb = max(1, math.ceil(pcfg.rows_per_row_group * row_bytes / 2 ** 20))
     schema = tensor_schema(pcfg.size)
     with contextlib.ExitStack() as stack:
