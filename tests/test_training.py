@@ -1,16 +1,18 @@
 """Training: the model, and Horovod on Spark with two ranks (slow)."""
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from jobs import ingest as ingest_job
 from jobs import preprocess as preprocess_job
-from oncolake import config, synthetic, training
+from oncolake import config, imaging, synthetic, training
 from tests.conftest import ROOT, last_json
 
 
@@ -49,6 +51,54 @@ def test_augmentation_keeps_below_mean_pixels_in_training():
     assert trained.max() < 0 and abs(trained.mean() + 2.75) < 0.9
 
 
+def _split_from_parquet(folder: Path) -> tuple[list[bytes], list[int]]:
+    """The split's images (as bytes) and labels, read with pyarrow, not Petastorm."""
+    import io
+
+    import pyarrow.parquet as pq
+    table = pq.read_table(folder, columns=["image", "label"]).to_pydict()
+    return [np.load(io.BytesIO(b)).tobytes() for b in table["image"]], [int(v) for v in table["label"]]
+
+
+@pytest.mark.parametrize("balance, cache_mb", [("oversample", 64), ("class_weight", 0)])
+def test_input_pipeline_feeds_every_training_image_in_uint8_batches(spark, tmp_path, capsys, balance, cache_mb):
+    """Two ranks' shards together are the training split as written (balancing included),
+    in uint8 batches of the configured size, cached in memory or streamed."""
+    folder, lake = tmp_path / "in", str(tmp_path / "lake")
+    synthetic.write_dataset(folder, groups=40, per_group=2, seed=5, malignant_every=4)
+    run(ingest_job, capsys, "--lake", lake, "--dataset", "syn", "--input", str(folder),
+        "--labels", str(folder / "labels.csv"))
+    pre = run(preprocess_job, capsys, "--lake", lake, "--dataset", "syn", "--size", "16",
+              "--set", f"preprocess.balance={balance}", "--set", "preprocess.rows_per_row_group=8")
+    split = Path(pre["output"].removeprefix("file:")) / "split=train"
+    images, labels = _split_from_parquet(split)
+    positives = sum(labels)
+    if balance == "oversample":
+        assert positives == len(labels) - positives  # the minority class written again until equal
+    else:
+        assert positives < len(labels) / 3  # one patient in four is malignant; weights do the balancing
+    spec = {"train_url": f"file://{split}", "batch_size": 8, "shard_rows": len(labels),
+            "shard_bytes": len(labels) * 16 * 16 * 3 // 2}
+    seen_images, seen_labels = [], []
+    for rank in (0, 1):
+        with training.training_batches(spec, rank, 2, seed=1, cache_mb=cache_mb, repeat=False) as batches:
+            for x, y in batches.as_numpy_iterator():
+                assert x.dtype == np.uint8 and x.shape[1:] == (16, 16, 3) and 1 <= len(x) <= 8
+                assert y.dtype == np.float32 and y.shape == (len(x),)
+                seen_images += [image.tobytes() for image in x]
+                seen_labels += [int(v) for v in y]
+    assert sorted(zip(seen_images, seen_labels)) == sorted(zip(images, labels))
+    # an endless stream for training: full batches, more of them than one pass holds
+    with training.training_batches(spec, 0, 1, seed=1, cache_mb=cache_mb) as batches:
+        taken = list(batches.take(len(labels) // 8 + 3).as_numpy_iterator())
+    assert all(len(x) == 8 for x, _ in taken)
+    if balance == "class_weight":
+        weights = json.loads((split.parent / "manifest.json").read_text())["balancing"]["class_weight"]
+        # each class weighs half of the whole: n / (2 n_class)
+        assert weights["1"] == pytest.approx(len(labels) / (2 * positives), rel=1e-5)
+        assert weights["0"] == pytest.approx(len(labels) / (2 * (len(labels) - positives)), rel=1e-5)
+
+
 def run(job, capsys, *args):
     code = job.main(list(args))
     captured = capsys.readouterr()
@@ -76,16 +126,17 @@ def test_horovod_two_ranks_train_one_epoch_with_identical_weights(spark, tmp_pat
     run(ingest_job, capsys, "--lake", lake, "--dataset", "syn", "--input", str(folder),
         "--labels", str(folder / "labels.csv"))
     run(preprocess_job, capsys, "--lake", lake, "--dataset", "syn", "--size", "16")
-    summary = submit("train", "--master", "local[2]", "--lake", lake, "--dataset", "syn", "--epochs", "1",
+    summary = submit("train", "--master", "local[2]", "--lake", lake, "--dataset", "syn", "--epochs", "3",
                      "--num-proc", "2", "--batch-size", "8", "--set", "train.filters=[4, 8]",
-                     "--set", "train.dense_units=8", "--set", "train.min_steps_per_epoch=5")
-    assert (summary["num_proc"], summary["epochs_run"], summary["model_version"]) == (2, 1, 1)
+                     "--set", "train.dense_units=8", "--set", "train.min_steps_per_epoch=5",
+                     "--set", "train.patience=10")
+    assert (summary["num_proc"], summary["epochs_run"], summary["model_version"]) == (2, 3, 1)
     # about 42 training images in batches of 8 on 2 ranks make 3 steps; the floor makes 5
     assert summary["steps_per_epoch"] == 5
     assert summary["ranks_identical"] is True
     # throughput comes from the training steps alone, timed inside the whole fit
-    assert len(summary["epoch_train_seconds"]) == 1 and summary["images_per_sec"] > 0
-    assert 0 < summary["epoch_train_seconds"][0] < summary["fit_seconds"]
+    assert len(summary["epoch_train_seconds"]) == 3 and summary["images_per_sec"] > 0
+    assert 0 < sum(summary["epoch_train_seconds"]) < summary["fit_seconds"]
     model_dir = Path(summary["model_uri"].removeprefix("file:"))
     record = json.loads((model_dir / "model.json").read_text())
     assert len(record["weights_digests"]) == 1 and record["tensors_version"] == 1
@@ -93,25 +144,62 @@ def test_horovod_two_ranks_train_one_epoch_with_identical_weights(spark, tmp_pat
     assert training.weights_digest(model) == record["weights_digests"][0]
     assert (model_dir / "tensorboard").is_dir()
 
-    # evaluation writes its report beside the model
+    # the registered weights are the best validation epoch's, as checkpointed in the run folder
+    aucs = record["history"]["val_auc"]
+    assert len(aucs) == 3 and record["best_epoch"] == summary["best_epoch"] == int(np.argmax(aucs)) + 1
+    assert record["best_val_auc"] == summary["best_val_auc"] == max(aucs)
+    run_dir = next((model_dir.parent / "_runs").glob("run-*"))
+    best = training.build_model(16, record["normalisation"]["mean"], record["normalisation"]["std"],
+                                config.TrainConfig(filters=(4, 8), dense_units=8))
+    best.load_weights(run_dir / "best.weights.h5")
+    assert training.weights_digest(best) == training.weights_digest(model)
+
+    # evaluation writes its report beside the model, and re-scores validation to the selected AUC
     result = submit("evaluate", "--master", "local[2]", "--lake", lake, "--dataset", "syn")
-    assert result["model_version"] == 1 and 0.0 <= result["auc"] <= 1.0
+    assert result["model_version"] == 1 and result["best_epoch"] == record["best_epoch"]
+    assert abs(result["val_auc"] - record["best_val_auc"]) < 1e-4
     metrics = json.loads((model_dir / "metrics.json").read_text())
     assert metrics["threshold"] == result["threshold"]
+    assert metrics["selection"]["val_auc_rescored"] == result["val_auc"]
     for name in ("roc.png", "pr.png", "confusion.png", "calibration.png"):
         image = cv2.imread(str(model_dir / name))
         assert image is not None and image.shape[0] > 100, name
-    assert "data:image/png;base64," in (model_dir / "report.html").read_text()
+    page = (model_dir / "report.html").read_text()
+    assert "data:image/png;base64," in page and f"epoch {record['best_epoch']}, the best validation epoch" in page
 
-    # a run killed after its first epoch's checkpoint resumes from there
-    run_dir = next((model_dir.parent / "_runs").glob("run-*"))
-    assert json.loads((run_dir / "state.json").read_text()) == {"epochs_done": 1}
-    assert (run_dir / "last.weights.h5").stat().st_size > 0 and (run_dir / "best.weights.h5").exists()
+    # calibration: fitted on validation, built into the registered model, reported on test
+    fitted = record["calibration"]
+    assert fitted["method"] in ("platt", "none") and fitted["fitted_on"] == "val"
+    assert set(metrics["calibration_fit"]) >= {"test_ece_before", "test_ece_after"} or fitted["method"] == "none"
+    assert "expected calibration error" in page and "expected at this threshold" in page
+
+    # external validation: every labelled image of another dataset, those seen in training left out
+    other = tmp_path / "other"
+    synthetic.write_dataset(other, groups=12, per_group=2, seed=11, malignant_every=3)
+    shutil.copy(folder / "p000_0.png", other / "seen.png")
+    with open(other / "labels.csv", "a") as handle:
+        handle.write("seen.png,malignant,P900\n")
+    run(ingest_job, capsys, "--lake", lake, "--dataset", "other", "--input", str(other),
+        "--labels", str(other / "labels.csv"))
+    external = submit("evaluate", "--master", "local[2]", "--lake", lake, "--dataset", "syn", "--on", "other")
+    assert (external["on"], external["images"], external["left_out_as_seen"]) == ("other", 24, 1)
+    names = [line.split(",")[:2] for line in (other / "labels.csv").read_text().splitlines()[1:-1]]
+    tensors = np.stack([imaging.prepare((other / name).read_bytes(), 16, record["resize"]) for name, _ in names])
+    expected = roc_auc_score([label == "malignant" for _, label in names], model.predict(tensors, verbose=0).ravel())
+    assert external["auc"] == pytest.approx(expected, abs=1e-6)
+    assert external["internal_test_auc"] == result["auc"] and (model_dir / "report-external-other.html").is_file()
+
+    # a run killed after its third epoch's checkpoint resumes from there, best epoch remembered
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state == {"epochs_done": 3, "best_epoch": record["best_epoch"], "best_val_auc": record["best_val_auc"]}
+    assert (run_dir / "last.weights.h5").stat().st_size > 0
     assert (run_dir / "registered").read_text() == summary["model_uri"]
     (run_dir / "registered").unlink()
-    resumed = submit("train", "--master", "local[2]", "--lake", lake, "--dataset", "syn", "--epochs", "2",
+    resumed = submit("train", "--master", "local[2]", "--lake", lake, "--dataset", "syn", "--epochs", "4",
                      "--num-proc", "2", "--batch-size", "8", "--set", "train.filters=[4, 8]",
-                     "--set", "train.dense_units=8", "--resume")
-    assert (resumed["resumed_from_epoch"], resumed["epochs_run"], resumed["model_version"]) == (1, 1, 2)
+                     "--set", "train.dense_units=8", "--set", "train.patience=10", "--resume")
+    assert (resumed["resumed_from_epoch"], resumed["epochs_run"], resumed["model_version"]) == (3, 1, 2)
     assert resumed["ranks_identical"] is True
-    assert json.loads((run_dir / "state.json").read_text()) == {"epochs_done": 2}
+    assert resumed["best_val_auc"] >= record["best_val_auc"]
+    assert resumed["best_epoch"] in (record["best_epoch"], 4)
+    assert json.loads((run_dir / "state.json").read_text())["epochs_done"] == 4

@@ -76,6 +76,11 @@ class TrainConfig:
     num_proc: int = 0
     patience: int = 5
     min_steps_per_epoch: int = 1
+    ema_decay: float = 0.99
+    profile_steps: int = 0
+    cache_mb: int = 2048
+    precision: str = "auto"
+    calibration: str = "platt"
     seed: int = 42
     threshold_rule: str = "youden"
     target_sensitivity: float = 0.9

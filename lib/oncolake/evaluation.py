@@ -97,6 +97,30 @@ def choose_threshold(labels, scores, rule: str = "youden", target_sensitivity: f
     return float(thresholds[reaching[0]])
 
 
+def expected_calibration_error(labels, scores, bins: int = 10) -> float:
+    """Expected calibration error: the count-weighted gap between the mean predicted
+    probability and the observed malignant rate, over equal-width probability bins."""
+    y, s = _check(labels, scores)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    index = np.clip(np.digitize(s, edges[1:-1]), 0, bins - 1)
+    gap = 0.0
+    for b in range(bins):
+        members = index == b
+        if members.any():
+            gap += members.sum() / len(s) * abs(y[members].mean() - s[members].mean())
+    return float(gap)
+
+
+def wilson_interval(successes: int, total: int, z: float = 1.96) -> list[float]:
+    """A 95 % Wilson score interval of a proportion (sensible at 0 and at n)."""
+    if total <= 0:
+        return [0.0, 1.0]
+    p = successes / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * np.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return [float(max(0.0, centre - half)), float(min(1.0, centre + half))]
+
+
 def metrics(labels, scores, threshold: float, bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Everything the evaluation report shows, at the given operating threshold."""
     y, s = _check(labels, scores)
@@ -113,7 +137,9 @@ def metrics(labels, scores, threshold: float, bootstrap: int = 1000, seed: int =
         "accuracy": (c["tp"] + c["tn"]) / len(y),
         "balanced_accuracy": (sensitivity + specificity) / 2,
         "sensitivity": sensitivity, "specificity": specificity, "precision": precision, "f1": f1,
-        "brier": float(np.mean((s - y) ** 2)), "confusion": c,
+        "sensitivity_ci95": wilson_interval(c["tp"], c["tp"] + c["fn"]),
+        "specificity_ci95": wilson_interval(c["tn"], c["tn"] + c["fp"]),
+        "brier": float(np.mean((s - y) ** 2)), "ece": expected_calibration_error(y, s), "confusion": c,
     }
 
 
@@ -148,23 +174,68 @@ def calibration(labels, scores, bins: int = 10) -> dict[str, list[float]]:
 
 # --- the evaluate job -----------------------------------------------------------
 
-def read_split(url: str, filesystem=None):
-    """(image ids, uint8 images, labels) of one tensor split, read through Petastorm."""
+def read_split(url: str, filesystem=None, shard: tuple[int, int] | None = None):
+    """(image ids, uint8 images, labels) of one tensor split, read through Petastorm.
+
+    ``shard=(index, count)`` reads only that shard's row groups (each training
+    process scores its own share of the validation split); a shard may be empty.
+    """
     from petastorm import make_reader
     ids, images, labels = [], [], []
+    index, count = shard or (None, None)
     with make_reader(url, schema_fields=["image_id", "image", "label"], num_epochs=1, shuffle_row_groups=False,
-                     reader_pool_type="dummy", filesystem=filesystem) as reader:
+                     reader_pool_type="dummy", filesystem=filesystem, cur_shard=index,
+                     shard_count=count) as reader:
         for row in reader:
             ids.append(row.image_id)
             images.append(row.image)
             labels.append(int(row.label))
+    if not images:
+        return ids, np.zeros((0, 0, 0, 3), np.uint8), np.zeros(0, np.int64)
     return ids, np.stack(images), np.asarray(labels)
 
 
-def run(spark, cfg, dataset: str, model_version: int | None = None) -> dict[str, Any]:
-    """Evaluate a registered model: threshold on validation, metrics on test, report."""
+def external_scores(spark, cfg, lake_uri: str, model, record: dict[str, Any], dataset: str,
+                    on: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """(labels, probabilities, images left out) of every labelled ``on`` image in bronze.
+
+    Images whose bytes are also in ``dataset`` (the model's own data) are left
+    out, so none of them was seen in training. Decoded with the preprocessing
+    function at the model's size, streamed to the driver and predicted in batches.
+    """
+    from pyspark.sql import functions as F
+
+    from oncolake import imaging, lake, preprocess
+    bronze = spark.read.format("delta").load(lake.table_uri(lake_uri, "bronze.images"))
+    labelled = preprocess._labelled(bronze.filter(F.col("dataset") == on), cfg.preprocess).filter("label IS NOT NULL")
+    own = bronze.filter(F.col("dataset") == dataset).select("image_id")
+    external = labelled.join(own, "image_id", "left_anti")
+    left_out = labelled.count() - external.count()
+    labels, scores, tensors, batch = [], [], [], []
+    for row in external.select("label", "content").toLocalIterator():
+        tensors.append(imaging.prepare(bytes(row.content), record["size"], record["resize"]))
+        labels.append(int(row.label))
+        if len(tensors) == cfg.score.arrow_batch_rows:
+            scores.append(model.predict(np.stack(tensors), batch_size=cfg.score.batch_size, verbose=0).ravel())
+            tensors = []
+    if tensors:
+        scores.append(model.predict(np.stack(tensors), batch_size=cfg.score.batch_size, verbose=0).ravel())
+    if not labels:
+        from oncolake.errors import InputError
+        raise InputError(f"no labelled images of dataset {on!r} in {lake_uri}: ingest them with labels first")
+    return np.asarray(labels), np.concatenate(scores), left_out
+
+
+def run(spark, cfg, dataset: str, model_version: int | None = None, on: str | None = None) -> dict[str, Any]:
+    """Evaluate a registered model: threshold on validation, metrics on test, report.
+
+    With ``on``, also every labelled image of another dataset in the lake
+    (external validation) at the same threshold, reported beside the model as
+    ``external-ON.json`` and ``report-external-ON.html``.
+    """
     import json as _json
 
+    from oncolake import calibration as calibration_map
     from oncolake import lake, preprocess, registry, report, tracking
     lake_uri = lake.qualify(spark, cfg.lake)
     version = model_version or registry.latest(spark, lake_uri, dataset)
@@ -180,13 +251,25 @@ def run(spark, cfg, dataset: str, model_version: int | None = None) -> dict[str,
     rule = cfg.train.threshold_rule
     threshold = choose_threshold(*scores["val"], rule=rule, target_sensitivity=cfg.train.target_sensitivity)
     test = metrics(*scores["test"], threshold=threshold, seed=cfg.train.seed)
+    val = metrics(*scores["val"], threshold=threshold, bootstrap=200, seed=cfg.train.seed)
     result = {"dataset": dataset, "model_version": version, "threshold": threshold, "threshold_rule": rule,
               "target_sensitivity": cfg.train.target_sensitivity if rule == "sensitivity" else None,
-              "val": metrics(*scores["val"], threshold=threshold, bootstrap=200, seed=cfg.train.seed),
-              "test": test, "calibration": calibration(*scores["test"])}
-    images = report.plots(*scores["test"], threshold, test)
-    lineage = {k: record[k] for k in ("tensors_uri", "tensors_version", "source_table_version", "architecture",
-                                      "epochs_run", "best_val_auc", "num_proc", "size", "resize")}
+              "val": val, "test": test, "calibration": calibration(*scores["test"]),
+              # the registered weights are the selected epoch's: re-scoring validation gives its AUC again
+              "selection": {"best_epoch": record.get("best_epoch"), "best_val_auc": record.get("best_val_auc"),
+                            "val_auc_rescored": val["auc"]}}
+    fitted = record.get("calibration") or {}
+    uncalibrated = None
+    if fitted.get("method", "none") != "none":
+        uncalibrated = calibration_map.invert(scores["test"][1], fitted["a"], fitted["b"])
+        result["calibration_fit"] = {**fitted, "test_ece_after": test["ece"],
+                                     "test_ece_before": expected_calibration_error(scores["test"][0], uncalibrated)}
+    if on:
+        return _external(spark, cfg, lake_uri, dataset, version, model_dir, record, model, result, on)
+    images = report.plots(*scores["test"], threshold, test, uncalibrated=uncalibrated)
+    lineage = {k: record.get(k) for k in ("tensors_uri", "tensors_version", "source_table_version",
+                                          "architecture", "epochs_run", "best_epoch", "best_val_auc",
+                                          "selection", "num_proc", "size", "resize")}
     page = report.html_report(f"oncolake {dataset} model v{version}", result, images, lineage)
     files = {"metrics.json": _json.dumps(result, indent=2, sort_keys=True).encode(), "report.html": page.encode(),
              **images}
@@ -198,6 +281,42 @@ def run(spark, cfg, dataset: str, model_version: int | None = None) -> dict[str,
                                                                       "sensitivity", "specificity", "f1", "brier")},
                               artifacts=files)
     return {"job": "evaluate", "dataset": dataset, "model_version": version, "auc": test["auc"],
+            "val_auc": val["auc"], "best_epoch": record.get("best_epoch"), "ece": test["ece"],
             "auc_ci95": test["auc_ci95"], "balanced_accuracy": test["balanced_accuracy"],
             "sensitivity": test["sensitivity"], "specificity": test["specificity"], "threshold": threshold,
             "report": f"{model_dir}/report.html", "mlflow_run_id": run_id}
+
+
+def _external(spark, cfg, lake_uri, dataset, version, model_dir, record, model, internal, on) -> dict[str, Any]:
+    import json as _json
+
+    from oncolake import lake, report, tracking
+    labels, scores, left_out = external_scores(spark, cfg, lake_uri, model, record, dataset, on)
+    threshold = internal["threshold"]
+    external = metrics(labels, scores, threshold=threshold, seed=cfg.train.seed)
+    gap = internal["test"]["auc"] - external["auc"]
+    result = {**internal, "external_dataset": on, "external": external, "external_left_out_as_seen": left_out,
+              "internal_test_auc": internal["test"]["auc"], "auc_gap": gap,
+              "test": external, "calibration": calibration(labels, scores)}
+    images = report.plots(labels, scores, threshold, external)
+    lineage = {"model": model_dir, "trained_on": dataset, "evaluated_on": on,
+               "images": int(len(labels)), "left_out_as_seen_in_training_data": left_out,
+               "internal_test_auc": internal["test"]["auc"], "external_auc": external["auc"],
+               "threshold": f"{threshold:.4f}, chosen on {dataset}'s validation split"}
+    page = report.html_report(f"oncolake {dataset} model v{version}: external validation on {on}", result,
+                              images, lineage)
+    files = {f"external-{on}.json": _json.dumps(result, indent=2, sort_keys=True).encode(),
+             f"report-external-{on}.html": page.encode()}
+    for name, data in files.items():
+        lake.write_bytes(spark, f"{model_dir}/{name}", data)
+    run_id = tracking.log_run(cfg, lake_uri, f"evaluate-{dataset}-v{version}-on-{on}",
+                              params={"dataset": dataset, "model_version": version, "external_dataset": on},
+                              metrics={"external_auc": external["auc"], "internal_test_auc": internal["test"]["auc"],
+                                       "auc_gap": gap}, artifacts=files)
+    return {"job": "evaluate", "dataset": dataset, "model_version": version, "on": on,
+            "images": int(len(labels)), "auc": external["auc"], "auc_ci95": external["auc_ci95"],
+            "internal_test_auc": internal["test"]["auc"], "auc_gap": gap,
+            "balanced_accuracy": external["balanced_accuracy"], "sensitivity": external["sensitivity"],
+            "specificity": external["specificity"], "threshold": threshold, "ece": external["ece"],
+            "left_out_as_seen": left_out, "report": f"{model_dir}/report-external-{on}.html",
+            "mlflow_run_id": run_id}

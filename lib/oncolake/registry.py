@@ -64,6 +64,14 @@ def load_model_bytes(data: bytes):
         return tf.keras.models.load_model(path, safe_mode=True, compile=False)
 
 
+def model_bytes(model) -> bytes:
+    """A Keras model as ``.keras`` file contents."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.keras"
+        model.save(path)
+        return path.read_bytes()
+
+
 def register(spark: SparkSession, lake_uri: str, dataset: str, files: Mapping[str, bytes],
              lake_dirs: Mapping[str, str] = ()) -> tuple[int, str]:
     """Register the next version from file contents and folders already in the lake (TensorBoard logs)."""

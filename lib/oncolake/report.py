@@ -31,8 +31,12 @@ def _png(plt, fig) -> bytes:
     return buffer.getvalue()
 
 
-def plots(labels, scores, threshold: float, test_metrics: dict[str, Any]) -> dict[str, bytes]:
-    """ROC, precision-recall, confusion-matrix and calibration plots as PNG bytes."""
+def plots(labels, scores, threshold: float, test_metrics: dict[str, Any], uncalibrated=None) -> dict[str, bytes]:
+    """ROC, precision-recall, confusion-matrix and calibration plots as PNG bytes.
+
+    With ``uncalibrated`` (the model's scores before its calibration map), the
+    reliability diagram shows both.
+    """
     y, s = np.asarray(labels), np.asarray(scores)
     out = {}
     plt, fig, ax = _figure()
@@ -67,11 +71,16 @@ def plots(labels, scores, threshold: float, test_metrics: dict[str, Any]) -> dic
     out["confusion.png"] = _png(plt, fig)
 
     plt, fig, ax = _figure()
-    cal = evaluation.calibration(y, s)
     ax.plot([0, 1], [0, 1], "--", color="grey", linewidth=0.8)
-    ax.plot(cal["predicted"], cal["observed"], "o-")
+    if uncalibrated is not None:
+        before = evaluation.calibration(y, uncalibrated)
+        ax.plot(before["predicted"], before["observed"], "s:", color="grey",
+                label=f"before calibration (ECE {evaluation.expected_calibration_error(y, uncalibrated):.3f})")
+    cal = evaluation.calibration(y, s)
+    ax.plot(cal["predicted"], cal["observed"], "o-", label=f"model (ECE {test_metrics['ece']:.3f})")
+    ax.legend(loc="upper left")
     ax.set(xlabel="mean predicted probability", ylabel="observed malignant rate",
-           title=f"Calibration (Brier {test_metrics['brier']:.3f})", xlim=(0, 1), ylim=(0, 1))
+           title=f"Reliability, test split (Brier {test_metrics['brier']:.3f})", xlim=(0, 1), ylim=(0, 1))
     out["calibration.png"] = _png(plt, fig)
     return out
 
@@ -84,8 +93,21 @@ def html_report(title: str, metrics: dict[str, Any], images: dict[str, bytes], l
             ("sensitivity", f"{test['sensitivity']:.3f}"), ("specificity", f"{test['specificity']:.3f}"),
             ("accuracy", f"{test['accuracy']:.3f}"), ("F1", f"{test['f1']:.3f}"),
             ("Brier score", f"{test['brier']:.3f}"),
+            ("expected calibration error", f"{test['ece']:.3f}" + (
+                f" ({html.escape(metrics['calibration_fit']['method'])} calibration on validation; "
+                f"{metrics['calibration_fit']['test_ece_before']:.3f} before)" if metrics.get("calibration_fit")
+                else " (uncalibrated)")),
+            ("expected at this threshold (validation, 95 % CI)",
+             f"sensitivity {metrics['val']['sensitivity']:.3f} ({metrics['val']['sensitivity_ci95'][0]:.3f}-"
+             f"{metrics['val']['sensitivity_ci95'][1]:.3f}), specificity {metrics['val']['specificity']:.3f} "
+             f"({metrics['val']['specificity_ci95'][0]:.3f}-{metrics['val']['specificity_ci95'][1]:.3f})"),
             ("threshold", f"{metrics['threshold']:.4f} ({html.escape(metrics['threshold_rule'])}, chosen on validation)"),
             ("test images (malignant)", f"{test['n']} ({test['positives']})")]
+    chosen = metrics.get("selection") or {}
+    if chosen.get("best_epoch"):
+        rows.append(("model weights", f"epoch {chosen['best_epoch']}, the best validation epoch (validation AUC "
+                                      f"{chosen['best_val_auc']:.4f} in training, {chosen['val_auc_rescored']:.4f} "
+                                      "re-scored here)"))
     table = "".join(f"<tr><th>{html.escape(k)}</th><td>{v}</td></tr>" for k, v in rows)
     figures = "".join(
         f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,'

@@ -12,6 +12,7 @@ module (on the driver, in Spark tasks) stays cheap.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -27,7 +28,7 @@ from typing import Any
 
 from pyspark.sql import SparkSession
 
-from oncolake import lake, preprocess, registry, tracking
+from oncolake import calibration, evaluation, lake, preprocess, profiling, registry, tracking
 from oncolake.config import Config, TrainConfig
 from oncolake.errors import ConfigError, DataQualityError
 
@@ -64,18 +65,42 @@ def build_model(size: int, mean: list[float], std: list[float], tcfg: TrainConfi
     x = layers.RandomContrast(0.1, seed=tcfg.seed)(x)
     x = layers.Normalization(mean=mean, variance=[s * s for s in std], name="normalise")(x)
     conv = layers.SeparableConv2D if tcfg.architecture == "separable" else layers.Conv2D
+    # The network computes in bfloat16 where the CPU has it natively (variables stay
+    # float32); augmentation, normalisation and the output stay float32.
+    dtype = "mixed_bfloat16" if resolve_precision(tcfg.precision) == "mixed_bfloat16" else None
     for filters in tcfg.filters:
         for _ in range(2):
-            x = conv(filters, 3, padding="same", use_bias=False)(x)
-            x = layers.BatchNormalization()(x)
-            x = layers.Activation("relu")(x)
-        x = layers.MaxPooling2D()(x)
-        x = layers.Dropout(tcfg.dropout / 2)(x)
-    x = layers.GlobalAveragePooling2D()(x)
-    x = layers.Dense(tcfg.dense_units, activation="relu")(x)
-    x = layers.Dropout(tcfg.dropout)(x)
-    outputs = layers.Dense(1, activation="sigmoid", name="malignant")(x)
+            x = conv(filters, 3, padding="same", use_bias=False, dtype=dtype)(x)
+            x = layers.BatchNormalization(dtype=dtype)(x)
+            x = layers.Activation("relu", dtype=dtype)(x)
+        x = layers.MaxPooling2D(dtype=dtype)(x)
+        x = layers.Dropout(tcfg.dropout / 2, dtype=dtype)(x)
+    x = layers.GlobalAveragePooling2D(dtype=dtype)(x)
+    x = layers.Dense(tcfg.dense_units, activation="relu", dtype=dtype)(x)
+    x = layers.Dropout(tcfg.dropout, dtype=dtype)(x)
+    outputs = layers.Dense(1, activation="sigmoid", name="malignant", dtype="float32")(x)
     return tf.keras.Model(inputs, outputs, name=f"oncolake_{tcfg.architecture}")
+
+
+PRECISIONS = ("auto", "float32", "mixed_bfloat16")
+
+
+def resolve_precision(precision: str, cpuinfo: str = "/proc/cpuinfo") -> str:
+    """``float32`` or ``mixed_bfloat16``; ``auto`` picks bfloat16 where the CPU computes it natively.
+
+    Measured on this project's AMD EPYC (AVX-512 with BF16): the 3-block CNN
+    trains 1.8x faster per core in mixed bfloat16 at 64-128 px. Without
+    native bfloat16 (``avx512_bf16`` or ``amx_bf16``) it is emulated and slower.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"train.precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    try:
+        flags = set(Path(cpuinfo).read_text().split())
+    except OSError:
+        return "float32"
+    return "mixed_bfloat16" if flags & {"avx512_bf16", "amx_bf16"} else "float32"
 
 
 def weights_digest(model) -> str:
@@ -129,13 +154,13 @@ def _train_clock():
 def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """One Horovod rank. Runs inside a Spark task; returns its history and digest.
 
-    Rank 0 also returns the model's bytes (``.keras``, best epoch's weights),
-    which the driver registers in the lake.
+    Rank 0 also returns the model's bytes (``.keras``, the selected epoch's
+    weights), which the driver registers in the lake.
     """
+    import horovod.tensorflow as hvd_tf
     import horovod.tensorflow.keras as hvd
     import tensorflow as tf
-    from petastorm import make_reader
-    from petastorm.tf_utils import make_petastorm_dataset
+    from oncolake import selection
 
     hvd.init()
     rank, size = hvd.rank(), hvd.size()
@@ -150,64 +175,70 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
     try:
         model = build_model(spec["size"], spec["mean"], spec["std"], tcfg)
         optimizer = hvd.DistributedOptimizer(tf.keras.optimizers.Adam(tcfg.learning_rate * size))
-        model.compile(optimizer=optimizer, loss="binary_crossentropy",
-                      metrics=[tf.keras.metrics.AUC(name="auc")], experimental_run_tf_function=False)
-        initial_epoch = 0
+        model.compile(optimizer=optimizer, loss="binary_crossentropy", experimental_run_tf_function=False)
+        filesystem = lake.petastorm_filesystem(spec["train_url"], spec["hdfs"])
+        # Each rank scores its own shard of the validation split; the scores are gathered.
+        _, val_images, val_labels = evaluation.read_split(spec["val_url"], filesystem, shard=(rank, size))
+        initial_epoch, best = 0, None
         if spec["resume"]:
             # Weights only: the optimizer's moment estimates start afresh after a resume.
+            state = json.loads(fs.cat_file(f"{run_path}/state.json"))
+            initial_epoch = state["epochs_done"]
+            if state.get("best_epoch"):
+                fs.get(f"{run_path}/{BEST}", str(scratch / BEST))
+                model.load_weights(scratch / BEST)
+                best = {"epoch": state["best_epoch"], "val_auc": state["best_val_auc"],
+                        "weights": model.get_weights()}
             fs.get(f"{run_path}/{CHECKPOINT}", str(scratch / CHECKPOINT))
             model.load_weights(scratch / CHECKPOINT)
-            initial_epoch = json.loads(fs.cat_file(f"{run_path}/state.json"))["epochs_done"]
         clock = _train_clock()
+        chooser = selection.callback(
+            val_images, val_labels, ema_decay=tcfg.ema_decay, batch_size=spec["batch_size"] * 2,
+            gather=lambda t: hvd_tf.allgather(t, name="val_gather"),
+            average=lambda t: hvd_tf.allreduce(t, op=hvd_tf.Average, name="ema_average"),
+            save_best=(lambda m: m.save_weights(scratch / BEST)) if rank == 0 else None, best=best)
         callbacks = [
             clock,
             hvd.callbacks.BroadcastGlobalVariablesCallback(0),
             _average_non_trainable(),  # before anything that reads or saves the weights
             hvd.callbacks.MetricAverageCallback(),
+            chooser,  # puts the exact val_auc in the logs for the callbacks after it
             tf.keras.callbacks.ReduceLROnPlateau(monitor="val_auc", mode="max", factor=0.5,
                                                  patience=max(1, tcfg.patience // 2), verbose=0),
-            tf.keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=tcfg.patience,
-                                             restore_best_weights=True),
+            tf.keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=tcfg.patience),
         ]
         if rank == 0:
             fs.makedirs(run_path, exist_ok=True)
             callbacks += [
-                tf.keras.callbacks.ModelCheckpoint(str(scratch / BEST), monitor="val_auc", mode="max",
-                                                   save_best_only=True, save_weights_only=True),
                 tf.keras.callbacks.ModelCheckpoint(str(scratch / CHECKPOINT), save_weights_only=True),
                 tf.keras.callbacks.LambdaCallback(
-                    on_epoch_end=lambda epoch, _logs: _save_progress(fs, run_path, scratch, epoch + 1)),
-                tf.keras.callbacks.TensorBoard(str(scratch / "tensorboard"), profile_batch=0),
+                    on_epoch_end=lambda epoch, _logs: _save_progress(
+                        fs, run_path, scratch, {"epochs_done": epoch + 1, "best_epoch": chooser.best_epoch,
+                                                "best_val_auc": chooser.best_val_auc})),
+                tf.keras.callbacks.TensorBoard(str(scratch / "tensorboard"),
+                                               profile_batch=_profiled_steps(tcfg.profile_steps,
+                                                                             spec["steps_per_epoch"])),
             ]
 
-        def pairs(dataset):
-            return dataset.map(lambda row: (row.image, tf.cast(row.label, tf.float32)))
-
         start = time.perf_counter()
-        # Only image and label: group_id may be null (no lesion or patient ids), which TensorFlow refuses.
-        fields = ["image", "label"]
-        filesystem = lake.petastorm_filesystem(spec["train_url"], spec["hdfs"])
-        with make_reader(spec["train_url"], schema_fields=fields, num_epochs=None, cur_shard=rank,
-                         shard_count=size, shuffle_row_groups=True, seed=tcfg.seed + rank,
-                         reader_pool_type="dummy", filesystem=filesystem) as train_reader, \
-                make_reader(spec["val_url"], schema_fields=fields, num_epochs=None, shuffle_row_groups=False,
-                            reader_pool_type="dummy", filesystem=filesystem) as val_reader:
-            train = pairs(make_petastorm_dataset(train_reader)).shuffle(512, seed=tcfg.seed).batch(
-                spec["batch_size"])
-            val = pairs(make_petastorm_dataset(val_reader)).batch(spec["batch_size"])
-            history = model.fit(train, steps_per_epoch=spec["steps_per_epoch"], validation_data=val,
-                                validation_steps=spec["val_steps"], epochs=spec["epochs"],
+        with training_batches(spec, rank, size, tcfg.seed, tcfg.cache_mb, filesystem) as train:
+            history = model.fit(train, steps_per_epoch=spec["steps_per_epoch"], epochs=spec["epochs"],
                                 initial_epoch=initial_epoch, class_weight=spec["class_weight"],
                                 callbacks=callbacks, verbose=2 if rank == 0 else 0)
         seconds = time.perf_counter() - start
         result = {"rank": rank, "size": size, "digest": weights_digest(model), "seconds": seconds,
                   "epoch_train_seconds": clock.seconds,
                   "initial_epoch": initial_epoch,
+                  "best_epoch": chooser.best_epoch, "best_val_auc": chooser.best_val_auc,
+                  "precision": resolve_precision(tcfg.precision),
                   # where the rank ran: a standalone worker starts each executor in its own folder
                   "placement": f"{socket.gethostname()}:{os.getcwd()}",
                   "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
                   "epochs_run": len(history.history.get("loss", []))}
         if rank == 0:
+            if tcfg.profile_steps:
+                result["profile"] = profiling.trace_breakdown(str(scratch / "tensorboard"))
+                result["profile"]["steps"] = tcfg.profile_steps
             final = scratch / "model.keras"
             model.save(final)
             result["model"] = final.read_bytes()
@@ -218,16 +249,59 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _save_progress(fs, run_path: str, scratch: Path, epochs_done: int) -> None:
+@contextlib.contextmanager
+def training_batches(spec: dict[str, Any], rank: int, size: int, seed: int, cache_mb: int, filesystem=None,
+                     repeat: bool = True):
+    """This rank's endless stream of shuffled (uint8 images, float32 labels) batches.
+
+    Each rank reads its own shard of the training split through Petastorm
+    (row groups dealt by ``rank``/``size``). A shard up to ``cache_mb`` is read
+    once and kept in memory: later epochs then cost no Python per image and
+    each pass is a full shuffle of the shard; a larger shard is streamed with
+    a 512-image shuffle buffer. Only image and label are read: group_id may be
+    null (no lesion or patient ids), which TensorFlow refuses. ``repeat=False``
+    gives one pass over the shard.
+    """
+    import tensorflow as tf
+    from petastorm import make_reader
+    from petastorm.tf_utils import make_petastorm_dataset
+
+    cached = spec["shard_bytes"] <= cache_mb * 2 ** 20
+    with make_reader(spec["train_url"], schema_fields=["image", "label"],
+                     num_epochs=1 if cached or not repeat else None,
+                     cur_shard=rank, shard_count=size, shuffle_row_groups=True, seed=seed + rank,
+                     reader_pool_type="dummy", filesystem=filesystem) as reader:
+        batches = make_petastorm_dataset(reader).map(lambda row: (row.image, tf.cast(row.label, tf.float32)))
+        if cached:
+            batches = batches.cache().shuffle(spec["shard_rows"], seed=seed + rank)
+            batches = batches.repeat() if repeat else batches
+        else:
+            batches = batches.shuffle(512, seed=seed + rank)
+        yield batches.batch(spec["batch_size"]).prefetch(2)
+
+
+def _profiled_steps(count: int, steps_per_epoch: int) -> tuple[int, int] | int:
+    """TensorBoard's ``profile_batch``: ``count`` steps of the second epoch (warm), or none.
+
+    Keras counts batches from the start of training, 1-based.
+    """
+    if count <= 0:
+        return 0
+    start = steps_per_epoch + 2
+    return (start, start + count - 1)
+
+
+def _save_progress(fs, run_path: str, scratch: Path, state: dict[str, Any]) -> None:
     """Copy this epoch's checkpoints to the lake, the state file last.
 
-    ``state.json`` names the epochs its checkpoint holds, so it is written
-    only once the weights it describes are in place.
+    ``state.json`` names the epochs its checkpoints hold (and the best epoch
+    so far, for ``--resume``), so it is written only once the weights it
+    describes are in place.
     """
     for name in (CHECKPOINT, BEST):
         if (scratch / name).exists():
             fs.put_file(str(scratch / name), f"{run_path}/{name}")
-    (scratch / "state.json").write_text(json.dumps({"epochs_done": epochs_done}))
+    (scratch / "state.json").write_text(json.dumps(state))
     fs.put_file(str(scratch / "state.json"), f"{run_path}/state.json")
 
 
@@ -242,13 +316,16 @@ def run(spark: SparkSession, cfg: Config, dataset: str, tensors_version: int | N
     tensors_version = tensors_version or versions[-1]
     manifest = preprocess.read_manifest(spark, lake_uri, dataset, tensors_version)
     tensors = f"{preprocess.tensors_root(lake_uri, dataset)}/v{tensors_version}"
+    if tcfg.calibration not in calibration.METHODS:
+        raise ConfigError(f"train.calibration must be one of {calibration.METHODS}, got {tcfg.calibration!r}")
+    if not 0.0 <= tcfg.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay must be in [0, 1), got {tcfg.ema_decay}")
     slots = spark.sparkContext.defaultParallelism
     num_proc = tcfg.num_proc or slots
     if num_proc > slots:
         raise ConfigError(f"train.num_proc={num_proc} but Spark has only {slots} task slots")
     train_rows = manifest["balancing"]["after"]
     n_train = sum(int(v) for v in train_rows.values())
-    n_val = sum(int(v) for v in manifest["class_counts"]["val"].values())
     run_uri = _run_uri(spark, f"{registry.models_root(lake_uri, dataset)}/_runs", resume)
     spec = {
         "train_url": registry.petastorm_url(f"{tensors}/split=train"),
@@ -260,10 +337,13 @@ def run(spark: SparkSession, cfg: Config, dataset: str, tensors_version: int | N
         # images one pass is a handful of steps, and early stopping would judge
         # the model before it has trained (the reader repeats the data).
         "steps_per_epoch": max(tcfg.min_steps_per_epoch, math.ceil(n_train / (tcfg.batch_size * num_proc))),
-        "val_steps": max(1, math.ceil(n_val / tcfg.batch_size)),
         "class_weight": ({int(k): float(v) for k, v in manifest["balancing"]["class_weight"].items()}
                          if "class_weight" in manifest["balancing"] else None),
         "threads": max(1, int(spark.conf.get("spark.task.cpus", "1"))),
+        # a rank's share of the training split, about (row groups are dealt to ranks whole);
+        # a shuffle buffer of the whole split holds any shard entirely
+        "shard_rows": n_train,
+        "shard_bytes": math.ceil(n_train / num_proc) * manifest["size"] ** 2 * 3,
         "run_uri": run_uri, "resume": resume,
         "hdfs": cfg.hdfs,
     }
@@ -274,7 +354,7 @@ def run(spark: SparkSession, cfg: Config, dataset: str, tensors_version: int | N
     seconds = time.perf_counter() - start
     chief = next(r for r in results if r["rank"] == 0)
     history = chief["history"]
-    best_auc = max(history.get("val_auc", [float("nan")]))
+    best_auc, best_epoch = chief["best_val_auc"], chief["best_epoch"]
     # Throughput of the training steps once warm: the first epoch also traces
     # the graph, and validation is not training.
     timed = chief["epoch_train_seconds"][1:] or chief["epoch_train_seconds"]
@@ -285,31 +365,54 @@ def run(spark: SparkSession, cfg: Config, dataset: str, tensors_version: int | N
         "tensors_uri": tensors, "source_table_version": manifest["source_table_version"],
         "size": manifest["size"], "resize": manifest["resize"], "normalisation": manifest["normalisation"],
         "history": history, "epochs_run": chief["epochs_run"], "best_val_auc": best_auc,
+        "best_epoch": best_epoch, "precision": chief["precision"],
+        "selection": {"criterion": "exact validation ROC AUC, inference mode", "ema_decay": tcfg.ema_decay,
+                      "weights": "moving average" if tcfg.ema_decay > 0 else "as trained"},
         "num_proc": num_proc, "duration_s": round(seconds, 2), "resumed_from_epoch": chief["initial_epoch"],
         "images_per_sec": round(images_timed / max(sum(timed), 1e-9), 2),
         "fit_seconds": round(chief["seconds"], 2),
         "epoch_train_seconds": [round(x, 2) for x in chief["epoch_train_seconds"]],
         "weights_digests": sorted({r["digest"] for r in results}),
         "placement": {str(r["rank"]): r["placement"] for r in results},
+        **({"profile": chief["profile"]} if "profile" in chief else {}),
     }
+    model_file = chief["model"]
+    if tcfg.calibration != "none":
+        model_file, record["calibration"] = _calibrate(cfg, model_file, spec["val_url"])
     record["mlflow_run_id"] = tracking.log_run(
         cfg, lake_uri, f"train-{dataset}", params={**dataclasses.asdict(tcfg), "tensors_version": tensors_version,
                                                    "num_proc": num_proc, "dataset": dataset},
-        metrics={"best_val_auc": best_auc, "images_per_sec": record["images_per_sec"],
+        metrics={"best_val_auc": best_auc, "best_epoch": best_epoch, "images_per_sec": record["images_per_sec"],
                  "epochs_run": chief["epochs_run"]},
         history=history, artifacts={"model.json": json.dumps(record, indent=2).encode()})
     version, model_dir = registry.register(
-        spark, lake_uri, dataset, {"model.keras": chief["model"],
+        spark, lake_uri, dataset, {"model.keras": model_file,
                                    "model.json": json.dumps(record, indent=2, sort_keys=True).encode()},
         {"tensorboard": f"{run_uri}/tensorboard"})
     lake.write_text(spark, f"{run_uri}/registered", model_dir)
     return {"job": "train", "dataset": dataset, "model_version": version, "model_uri": model_dir,
-            "epochs_run": chief["epochs_run"], "best_val_auc": best_auc, "num_proc": num_proc,
+            "epochs_run": chief["epochs_run"], "best_epoch": best_epoch, "best_val_auc": best_auc,
+            "num_proc": num_proc,
             "images_per_sec": record["images_per_sec"], "fit_seconds": record["fit_seconds"],
             "epoch_train_seconds": record["epoch_train_seconds"], "tensors_version": tensors_version,
             "ranks_identical": len(record["weights_digests"]) == 1,
             "resumed_from_epoch": chief["initial_epoch"], "steps_per_epoch": spec["steps_per_epoch"],
-            "placement": record["placement"]}
+            "placement": record["placement"],
+            **({"profile": chief["profile"]} if "profile" in chief else {})}
+
+
+def _calibrate(cfg: Config, model_file: bytes, val_url: str) -> tuple[bytes, dict[str, Any]]:
+    """Fit ``train.calibration`` on the validation split; the model file with it built in."""
+    model = registry.load_model_bytes(model_file)
+    _, images, labels = evaluation.read_split(val_url, lake.petastorm_filesystem(val_url, cfg.hdfs))
+    raw = model.predict(images, batch_size=cfg.score.batch_size, verbose=0).ravel()
+    fitted = calibration.choose(labels, raw, cfg.train.calibration)
+    log.info("calibration (%s, fitted on %d validation images): a=%.4f b=%.4f, ECE %.4f -> %.4f",
+             fitted["method"], len(labels), fitted["a"], fitted["b"], fitted["val_ece_before"],
+             fitted["val_ece_after"])
+    if fitted["method"] == "none":
+        return model_file, fitted
+    return registry.model_bytes(calibration.calibrated_model(model, fitted["a"], fitted["b"])), fitted
 
 
 def _run_horovod(fn, spec: dict[str, Any], num_proc: int) -> list[dict[str, Any]]:

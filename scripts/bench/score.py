@@ -8,7 +8,9 @@ weights). Measured, in this one invocation:
 - bare ``model.predict`` on the already decoded tensors in one process (the ceiling);
 - Spark's ``predict_batch_udf`` decoding with the same function and predicting;
 - incremental: one new ingest date when 30 dates are already scored, against
-  the same date scored alone in an empty predictions table.
+  the same date scored alone in an empty predictions table;
+- the compute ceiling (``profiling.compute_ceiling``): the model's forward
+  FLOPs per image x the job's rate over it is ``fraction_of_matmul_ceiling``.
 
     scripts/bench.sh score [--data ../shared/data/ham10000]
 """
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from oncolake import cli, imaging, ingest, lake, registry, scoring, session, training
+from oncolake import cli, imaging, ingest, lake, profiling, registry, scoring, session, training
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -81,12 +83,17 @@ def main(argv=None) -> int:
         alone_s = _time(lambda: scoring.run(spark, alone, dataset="bench"))
 
         rates = {"score_job": images / timed_job, "bare_predict": images / bare_s, "predict_batch_udf": images / udf_s}
+        ceiling = profiling.compute_ceiling()
+        forward = profiling.training_flops(model)["forward"]
         cli.emit({"bench": "score", "images": images, "size": size,
                   "score_job_images_per_s": round(rates["score_job"], 1),
                   "bare_predict_images_per_s": round(rates["bare_predict"], 1),
                   "predict_batch_udf_images_per_s": round(rates["predict_batch_udf"], 1),
                   "vs_bare_predict": round(rates["score_job"] / rates["bare_predict"], 3),
                   "vs_predict_batch_udf": round(rates["score_job"] / rates["predict_batch_udf"], 3),
+                  "forward_gflop_per_image": round(forward / 1e9, 3), **ceiling,
+                  "fraction_of_matmul_ceiling": round(forward * rates["score_job"] / 1e9 / ceiling["ceiling_gflops"], 3),
+                  "precision": training.resolve_precision(cfg.train.precision),
                   "incremental_new_night_images": incremental.get("scored"),
                   "incremental_s": round(incremental_s, 2), "alone_s": round(alone_s, 2),
                   "incremental_vs_alone": round(incremental_s / alone_s, 3),

@@ -1,0 +1,127 @@
+"""Model selection during training: which weights become the registered model.
+
+Keras' ``EarlyStopping(restore_best_weights=True)`` restores the best epoch
+only when early stopping fires; a run that reaches its epoch limit keeps the
+last epoch's weights, whatever the validation said. :func:`callback` makes
+the choice explicit and independent of how training ended:
+
+- each epoch, the validation split is scored in inference mode and its exact
+  ROC AUC (:func:`oncolake.evaluation.roc_auc`, the figure evaluate reports)
+  is put in the epoch's logs as ``val_auc`` for the callbacks after it
+  (learning-rate schedule, early stopping) and the history;
+- with ``ema_decay > 0`` the weights scored are an exponential moving
+  average of the training weights (BatchNormalization statistics included),
+  updated after every step: on a small validation split the AUC of raw
+  weights jumps from epoch to epoch, and picking the luckiest epoch then
+  picks noise;
+- the best-scoring weights are kept, written by the chief as the best
+  checkpoint, and are the model's weights when training ends.
+
+Collectives are passed in (Horovod's allgather and allreduce, or identity in
+one process), so the callback runs and is tested without Horovod.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import numpy as np
+
+from oncolake import evaluation
+
+log = logging.getLogger(__name__)
+
+
+def identity(value):
+    """The collective of a single process."""
+    return value
+
+
+def callback(val_images: np.ndarray, val_labels: np.ndarray, *, ema_decay: float = 0.0,
+             batch_size: int = 64, gather: Callable = identity, average: Callable = identity,
+             save_best: Callable[[Any], None] | None = None, best: dict[str, Any] | None = None):
+    """A Keras callback selecting the best validation epoch (see the module docstring).
+
+    ``val_images``/``val_labels`` are this process's share of the validation
+    split; ``gather`` concatenates every process's scores and labels (all
+    processes then compute the same AUC and keep the same weights);
+    ``average`` averages a tensor across processes. ``save_best(model)`` is
+    called while the new best weights are in the model. ``best`` resumes a
+    run: ``{"epoch", "val_auc", "weights"}`` of the best epoch so far.
+    """
+    import tensorflow as tf
+
+    class ModelSelection(tf.keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.best_epoch = int(best["epoch"]) if best else 0
+            self.best_val_auc = float(best["val_auc"]) if best else -np.inf
+            self.best_weights = best["weights"] if best else None
+            self.shadow: list = []
+            self.updates = None
+            self.started = False
+
+        def set_model(self, model):
+            super().set_model(model)
+            if ema_decay > 0 and not self.shadow:
+                if not all(w.dtype.is_floating for w in model.weights):
+                    raise ValueError("weight averaging needs floating-point weights only")
+                self.shadow = [tf.Variable(v, trainable=False, name=f"ema_{i}")
+                               for i, v in enumerate(model.weights)]
+                self.updates = tf.Variable(0, dtype=tf.int64, trainable=False)
+                self._update = tf.function(self._update_shadow)
+
+        def _update_shadow(self):
+            # TensorFlow's debiasing: short runs are not dominated by the initial weights
+            n = tf.cast(self.updates, tf.float32)
+            decay = tf.minimum(tf.constant(ema_decay, tf.float32), (1.0 + n) / (10.0 + n))
+            for shadow, weight in zip(self.shadow, self.model.weights):
+                shadow.assign(decay * shadow + (1.0 - decay) * tf.cast(weight, shadow.dtype))
+            self.updates.assign_add(1)
+
+        def on_train_batch_end(self, batch, logs=None):
+            if not self.shadow:
+                return
+            if not self.started:
+                # after the first step (and the broadcast of rank 0's weights before it)
+                for shadow, weight in zip(self.shadow, self.model.weights):
+                    shadow.assign(weight)
+                self.updates.assign_add(1)
+                self.started = True
+            else:
+                self._update()
+
+        def _scored_weights(self) -> list[np.ndarray]:
+            """The weights validation scores: the moving average, or the model's own."""
+            if not self.started:
+                return self.model.get_weights()
+            # BatchNormalization statistics differ per process within an epoch
+            return [np.asarray(average(tf.constant(s.numpy()))) for s in self.shadow]
+
+        def on_epoch_end(self, epoch, logs=None):
+            trained = self.model.get_weights()
+            scored = self._scored_weights()
+            self.model.set_weights(scored)
+            try:
+                local = (self.model.predict(val_images, batch_size=batch_size, verbose=0).ravel()
+                         if len(val_images) else np.zeros(0, np.float32))
+                scores = np.asarray(gather(tf.constant(local.astype(np.float32))))
+                labels = np.asarray(gather(tf.constant(np.asarray(val_labels, np.int64))))
+                auc = evaluation.roc_auc(labels, scores)
+                if auc > self.best_val_auc:
+                    self.best_epoch, self.best_val_auc, self.best_weights = epoch + 1, auc, scored
+                    if save_best is not None:
+                        save_best(self.model)
+            finally:
+                self.model.set_weights(trained)
+            if logs is not None:
+                logs["val_auc"] = auc
+                logs["best_val_auc"] = self.best_val_auc
+            log.info("epoch %d: validation AUC %.4f (best %.4f at epoch %d)", epoch + 1, auc,
+                     self.best_val_auc, self.best_epoch)
+
+        def on_train_end(self, logs=None):
+            if self.best_weights is not None:
+                self.model.set_weights(self.best_weights)
+
+    return ModelSelection()

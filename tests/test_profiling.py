@@ -1,0 +1,57 @@
+"""Training profile helpers: FLOPs from layers, op kinds, trace breakdown."""
+import numpy as np
+import pytest
+
+from oncolake import profiling
+
+
+def _tiny():
+    import tensorflow as tf
+    inputs = tf.keras.Input((8, 8, 3))
+    x = tf.keras.layers.Conv2D(4, 3, padding="same")(inputs)
+    x = tf.keras.layers.Conv2D(5, 3, padding="same")(x)
+    x = tf.keras.layers.GlobalAveragePooling2D()(x)
+    return tf.keras.Model(inputs, tf.keras.layers.Dense(2)(x))
+
+
+def test_training_flops_are_counted_per_layer():
+    flops = profiling.training_flops(_tiny())
+    conv1, conv2, dense = 2 * 64 * 9 * 3 * 4, 2 * 64 * 9 * 4 * 5, 2 * 5 * 2
+    assert flops["forward"] == conv1 + conv2 + dense
+    # weight gradients for every layer, input gradients for all but the first
+    assert flops["training"] == 2 * (conv1 + conv2 + dense) + conv2 + dense
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("gradient_tape/m/conv2d_1/Conv2D/Conv2DBackpropFilter:_MklNativeConv2DBackpropFilter",
+     "conv backward (weights)"),
+    ("gradient_tape/m/conv2d/Conv2D/Conv2DBackpropInput:Conv2DBackpropInput", "conv backward (input)"),
+    ("m/conv2d/Conv2D:_MklNativeConv2D", "conv forward"),
+    ("m/random_rotation/transform/ImageProjectiveTransformV3:ImageProjectiveTransformV3", "augmentation"),
+    ("m/batch_normalization/FusedBatchNormV3:_MklFusedBatchNormV3", "batch norm forward"),
+    ("gradient_tape/m/batch_normalization/FusedBatchNormGradV3:FusedBatchNormGradV3", "batch norm backward"),
+    ("DistributedAdam/Adam/update/ResourceApplyAdam:ResourceApplyAdam", "optimizer"),
+    ("DistributedAdam/HorovodAllreduce_grads_0:HorovodAllreduce", "allreduce"),
+    ("m/max_pooling2d/MaxPool:MaxPool", "pooling forward"),
+])
+def test_op_kinds(name, kind):
+    assert profiling.op_kind(name) == kind
+
+
+def test_trace_breakdown_of_a_real_profile(tmp_path):
+    import tensorflow as tf
+    model = _tiny()
+    model.compile(optimizer="adam", loss=tf.keras.losses.MeanSquaredError())
+    x, y = np.random.default_rng(0).normal(size=(64, 8, 8, 3)), np.zeros((64, 2))
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    tf.profiler.experimental.start(str(tmp_path))
+    try:
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    finally:
+        tf.profiler.experimental.stop()
+    out = profiling.trace_breakdown(str(tmp_path))
+    assert {"conv forward", "conv backward (weights)", "optimizer"} <= set(out["seconds"])
+    assert sum(out["fraction"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert 0 < out["op_seconds"] and 0 < out["busy"] <= 1.5
+    with pytest.raises(FileNotFoundError):
+        profiling.trace_breakdown(str(tmp_path / "none"))
