@@ -30,10 +30,9 @@ step() {
   "$root/scripts/submit.sh" "$@" 2>>"$log" | tail -1
 }
 step "ingest $data" ingest --lake "$lake" --dataset "$dataset" --input "$data" --labels "$data/labels.csv"
-step "preprocess" preprocess --lake "$lake" --dataset "$dataset" --size 64 --set preprocess.balance=class_weight
-# BUSI's settings from docs/results.md (run 4), with a shorter epoch budget
-step "train (2 Horovod processes)" train --lake "$lake" --dataset "$dataset" --epochs 15 --num-proc 2 \
-    --set train.min_steps_per_epoch=20 --set train.patience=8
+# the default configuration throughout (conf/base.yaml): what docs/results.md records
+step "preprocess" preprocess --lake "$lake" --dataset "$dataset"
+step "train (2 Horovod processes)" train --lake "$lake" --dataset "$dataset" --num-proc 2
 step "evaluate (test split only)" evaluate --lake "$lake" --dataset "$dataset"
 step "score (every ingest date not yet scored)" score --lake "$lake" --dataset "$dataset"
 echo "== predictions by known label (Spark SQL; every ingested image, training ones included:" \

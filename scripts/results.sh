@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # Reproduce a docs/results.md entry: ingest -> preprocess -> train -> evaluate on
-# one real data set, from scratch, timing each step.
+# one real data set, from scratch, with the default configuration, timing each step.
 #
-#   scripts/results.sh DATA_DIR [SIZE] [EPOCHS] [extra --set options for every job...]
+#   scripts/results.sh DATA_DIR [--external OTHER_DIR] [extra options for every job, e.g. --set train.seed=7]
 #
-# The lake goes to var/results-<name>; the last line is one JSON summary.
+# With --external, OTHER_DIR is ingested too and the model is evaluated on it
+# (evaluate --on). The lake goes to var/results-<name>; the last line is one JSON summary.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-data="$(cd "${1:?usage: scripts/results.sh DATA_DIR [SIZE] [EPOCHS]}" && pwd)"
-size="${2:-96}"
-epochs="${3:-30}"
-shift $(( $# < 3 ? $# : 3 ))
+data="$(cd "${1:?usage: scripts/results.sh DATA_DIR [--external OTHER_DIR] [OPTIONS...]}" && pwd)"
+shift
+other=""
+if [ "${1:-}" = "--external" ]; then
+  other="$(cd "${2:?--external needs a folder}" && pwd)"
+  shift 2
+fi
 name="$(basename "$data")"
 lake="$root/var/results-$name"
 rm -rf "$lake"
@@ -25,10 +29,16 @@ run() {
   took[$step]=$(( SECONDS - start ))
 }
 run ingest ingest --lake "$lake" --dataset "$name" --input "$data" --labels "$data/labels.csv" "$@"
-run preprocess preprocess --lake "$lake" --dataset "$name" --size "$size" \
-    --set preprocess.balance=class_weight "$@"
-run train train --lake "$lake" --dataset "$name" --epochs "$epochs" --num-proc 2 "$@"
+run preprocess preprocess --lake "$lake" --dataset "$name" "$@"
+run train train --lake "$lake" --dataset "$name" "$@"
 run evaluate evaluate --lake "$lake" --dataset "$name" "$@"
-printf '{"dataset": "%s", "size": %s, "epochs": %s, "seconds": {"ingest": %s, "preprocess": %s, "train": %s, "evaluate": %s}, "evaluation": %s}\n' \
-  "$name" "$size" "$epochs" "${took[ingest]}" "${took[preprocess]}" "${took[train]}" "${took[evaluate]}" \
-  "$(cat "$root/var/results-$name-evaluate.json")"
+external="null"
+if [ -n "$other" ]; then
+  ext="$(basename "$other")"
+  run "ingest-$ext" ingest --lake "$lake" --dataset "$ext" --input "$other" --labels "$other/labels.csv" "$@"
+  run external evaluate --lake "$lake" --dataset "$name" --on "$ext" "$@"
+  external="$(cat "$root/var/results-$name-external.json")"
+fi
+printf '{"dataset": "%s", "seconds": {"ingest": %s, "preprocess": %s, "train": %s, "evaluate": %s}, "train": %s, "evaluation": %s, "external": %s}\n' \
+  "$name" "${took[ingest]}" "${took[preprocess]}" "${took[train]}" "${took[evaluate]}" \
+  "$(cat "$root/var/results-$name-train.json")" "$(cat "$root/var/results-$name-evaluate.json")" "$external"

@@ -76,3 +76,24 @@ def test_calibration_bins_are_means():
     cal = evaluation.calibration(y, s, bins=2)
     assert cal["predicted"] == pytest.approx([0.1, 0.9])
     assert (cal["observed"], cal["count"]) == ([0.0, 1.0], [2, 2])
+
+
+def test_subgroups_band_ages_and_mark_small_groups():
+    from oncolake import evaluation
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 2, 100)
+    scores = np.clip(labels * 0.3 + rng.random(100) * 0.7, 0, 1)
+    sexes = ["male"] * 60 + ["female"] * 35 + [None] * 5
+    ages = ["25"] * 10 + ["50"] * 80 + ["80.0"] * 9 + ["n/a"]
+    out = evaluation.subgroup_metrics(labels, scores, {"sex": sexes, "age": ages, "site": [None] * 100},
+                                      min_size=30)
+    assert "site" not in out  # nothing known: no table
+    male = next(r for r in out["sex"] if r["group"] == "male")
+    assert (male["n"], male["positives"]) == (60, int(labels[:60].sum()))
+    assert male["auc"] == pytest.approx(evaluation.roc_auc(labels[:60], scores[:60]))
+    assert male["auc_ci95"][0] <= male["auc"] <= male["auc_ci95"][1]
+    bands = {r["group"]: r for r in out["age"]}
+    assert set(bands) == {"<30", "45-59", "75+", "unknown"}
+    assert bands["<30"]["n"] == 10 and bands["<30"]["too_small"] and "auc" not in bands["<30"]
+    assert bands["45-59"]["n"] == 80 and "auc" in bands["45-59"]
+    assert next(r for r in out["sex"] if r["group"] == "unknown")["n"] == 5

@@ -4,6 +4,7 @@ import io
 import json
 import shutil
 
+import cv2
 import numpy as np
 import pytest
 
@@ -155,14 +156,22 @@ def test_predict_sh_prints_probability_label_and_version(spark, tmp_path, capsys
     text = tmp_path / "note.png"
     text.write_text("not an image")
     result = subprocess.run([str(ROOT / "scripts" / "predict.sh"), "--lake", lake_dir, "--dataset", "syn",
-                             str(image), str(text)], capture_output=True, text=True, timeout=300)
+                             "--explain", "--explain-dir", str(tmp_path / "why"), str(image), str(text)],
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 1  # one file was not an image
     lines = result.stdout.strip().splitlines()
-    name, probability, label, version = lines[0].split("\t")
+    name, probability, label, version, overlay = lines[0].split("\t")
     model = registry.load_model(spark, model_dir)
     expected = float(model.predict(imaging.prepare(image.read_bytes(), 16, "stretch")[None], verbose=0)[0, 0])
     assert float(probability) == pytest.approx(expected, abs=1e-4)
     assert label == ("malignant" if expected >= 0.5 else "benign") and version == "model v1"
+    # the overlay is the 16 x 16 model input blended with its Grad-CAM heat map
+    from oncolake import explain
+    assert overlay == str(tmp_path / "why" / f"{image.stem}.gradcam.png")
+    tensor = imaging.prepare(image.read_bytes(), 16, "stretch")
+    want = explain.overlay(tensor, explain.gradcam(model, tensor[None])[0])
+    got = cv2.imread(overlay)[:, :, ::-1]
+    assert got.shape == (16, 16, 3) and np.abs(got.astype(int) - want.astype(int)).max() <= 1
     assert lines[1].startswith(str(text)) and "unsupported_format" in lines[1]
     assert json.loads(lines[-1])["errors"] == 1
 

@@ -1,6 +1,7 @@
 """Training: the model, and Horovod on Spark with two ranks (slow)."""
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -99,6 +100,20 @@ def test_input_pipeline_feeds_every_training_image_in_uint8_batches(spark, tmp_p
         assert weights["0"] == pytest.approx(len(labels) / (2 * (len(labels) - positives)), rel=1e-5)
 
 
+def _numbers(value):
+    """Every number inside nested dicts and lists."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, (int, float)):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _numbers(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _numbers(v)
+
+
 def run(job, capsys, *args):
     code = job.main(list(args))
     captured = capsys.readouterr()
@@ -188,6 +203,20 @@ def test_horovod_two_ranks_train_one_epoch_with_identical_weights(spark, tmp_pat
     expected = roc_auc_score([label == "malignant" for _, label in names], model.predict(tensors, verbose=0).ravel())
     assert external["auc"] == pytest.approx(expected, abs=1e-6)
     assert external["internal_test_auc"] == result["auc"] and (model_dir / "report-external-other.html").is_file()
+
+    # the model card: every number in it is one of the records' (three decimals, or a count)
+    card = (model_dir / "model_card.md").read_text()
+    records = [record, json.loads((model_dir / "metrics.json").read_text()),
+               json.loads((model_dir / "external-other.json").read_text()),
+               json.loads((model_dir.parents[2] / "silver" / "tensors" / "syn" / "v1" / "manifest.json").read_text())]
+    allowed = {95, 1}  # "95 % CI", "v1"
+    for value in _numbers(records):
+        allowed |= {f"{value:.3f}", str(int(value))} if float(value).is_integer() else {f"{value:.3f}"}
+    found = re.findall(r"(?<![\w.])\d+(?:\.\d+)?(?![\w.])", card)
+    assert found and all(token in {str(a) for a in allowed} for token in found), set(found) - {str(a) for a in allowed}
+    assert f"ROC AUC {result['auc']:.3f}" in card and f"ROC AUC {external['auc']:.3f}" in card
+    assert f"epoch {record['best_epoch']} (validation ROC AUC {record['best_val_auc']:.3f})" in card
+    assert "no substitute for a clinician" in card
 
     # a run killed after its third epoch's checkpoint resumes from there, best epoch remembered
     state = json.loads((run_dir / "state.json").read_text())

@@ -57,7 +57,7 @@ class PreprocessConfig:
     resize: str = "stretch"
     split: Mapping[str, float] = dataclasses.field(
         default_factory=lambda: {"train": 0.70, "val": 0.15, "test": 0.15})
-    balance: str = "none"
+    balance: str = "class_weight"
     seed: int = 42
     positive_labels: tuple[str, ...] = ("malignant", "1", "true", "yes")
     negative_labels: tuple[str, ...] = ("benign", "0", "false", "no", "normal")
@@ -70,12 +70,12 @@ class TrainConfig:
     filters: tuple[int, ...] = (32, 64, 128)
     dense_units: int = 128
     dropout: float = 0.3
-    epochs: int = 20
+    epochs: int = 30
     batch_size: int = 32
     learning_rate: float = 0.001
     num_proc: int = 0
-    patience: int = 5
-    min_steps_per_epoch: int = 1
+    patience: int = 8
+    min_steps_per_epoch: int = 20
     ema_decay: float = 0.99
     profile_steps: int = 0
     cache_mb: int = 2048
@@ -84,6 +84,12 @@ class TrainConfig:
     seed: int = 42
     threshold_rule: str = "youden"
     target_sensitivity: float = 0.9
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+    subgroups: tuple[str, ...] = ("sex", "age", "age_approx", "localization")
+    min_subgroup: int = 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +121,7 @@ class Config:
     ingest: IngestConfig = IngestConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
     train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
     score: ScoreConfig = ScoreConfig()
     mlflow: MlflowConfig = MlflowConfig()
     nightly: NightlyConfig = NightlyConfig()

@@ -172,6 +172,52 @@ def calibration(labels, scores, bins: int = 10) -> dict[str, list[float]]:
     return {"predicted": predicted, "observed": observed, "count": counts}
 
 
+AGE_BANDS = ((30, "<30"), (45, "30-44"), (60, "45-59"), (75, "60-74"), (float("inf"), "75+"))
+
+
+def subgroup_value(attribute: str, value: str | None) -> str:
+    """The subgroup an attribute value falls in: age bands for ages, the value itself otherwise."""
+    if value is None or str(value).strip() in ("", "nan", "unknown", "None"):
+        return "unknown"
+    if attribute.startswith("age"):
+        try:
+            age = float(value)
+        except ValueError:
+            return "unknown"
+        return next(band for limit, band in AGE_BANDS if age < limit)
+    return str(value).strip().lower()
+
+
+def subgroup_metrics(labels, scores, attributes: dict[str, list[str | None]], min_size: int = 30,
+                     bootstrap: int = 200, seed: int = 0) -> dict[str, list[dict[str, Any]]]:
+    """ROC AUC with a bootstrap interval per subgroup of each attribute.
+
+    A subgroup smaller than ``min_size``, or lacking one of the classes, is
+    listed with its counts and ``too_small`` (or ``one_class``) instead of an AUC.
+    """
+    y, s = _check(labels, scores)
+    out = {}
+    for attribute, values in attributes.items():
+        groups = np.array([subgroup_value(attribute, v) for v in values], dtype=object)
+        if (groups == "unknown").all():
+            continue
+        rows = []
+        for group in sorted(set(groups)):
+            members = groups == group
+            n, positives = int(members.sum()), int(y[members].sum())
+            row: dict[str, Any] = {"group": group, "n": n, "positives": positives}
+            if n < min_size:
+                row["too_small"] = True
+            elif positives in (0, n):
+                row["one_class"] = True
+            else:
+                row["auc"] = roc_auc(y[members], s[members])
+                row["auc_ci95"] = bootstrap_auc_ci(y[members], s[members], bootstrap, seed)
+            rows.append(row)
+        out[attribute] = rows
+    return out
+
+
 # --- the evaluate job -----------------------------------------------------------
 
 def read_split(url: str, filesystem=None, shard: tuple[int, int] | None = None):
@@ -196,8 +242,8 @@ def read_split(url: str, filesystem=None, shard: tuple[int, int] | None = None):
 
 
 def external_scores(spark, cfg, lake_uri: str, model, record: dict[str, Any], dataset: str,
-                    on: str) -> tuple[np.ndarray, np.ndarray, int]:
-    """(labels, probabilities, images left out) of every labelled ``on`` image in bronze.
+                    on: str) -> tuple[np.ndarray, np.ndarray, int, list[dict[str, str]]]:
+    """(labels, probabilities, images left out, attributes) of every labelled ``on`` image in bronze.
 
     Images whose bytes are also in ``dataset`` (the model's own data) are left
     out, so none of them was seen in training. Decoded with the preprocessing
@@ -211,10 +257,11 @@ def external_scores(spark, cfg, lake_uri: str, model, record: dict[str, Any], da
     own = bronze.filter(F.col("dataset") == dataset).select("image_id")
     external = labelled.join(own, "image_id", "left_anti")
     left_out = labelled.count() - external.count()
-    labels, scores, tensors, batch = [], [], [], []
-    for row in external.select("label", "content").toLocalIterator():
+    labels, scores, tensors, attributes = [], [], [], []
+    for row in external.select("label", "content", "attributes").toLocalIterator():
         tensors.append(imaging.prepare(bytes(row.content), record["size"], record["resize"]))
         labels.append(int(row.label))
+        attributes.append(row.attributes or {})
         if len(tensors) == cfg.score.arrow_batch_rows:
             scores.append(model.predict(np.stack(tensors), batch_size=cfg.score.batch_size, verbose=0).ravel())
             tensors = []
@@ -223,7 +270,7 @@ def external_scores(spark, cfg, lake_uri: str, model, record: dict[str, Any], da
     if not labels:
         from oncolake.errors import InputError
         raise InputError(f"no labelled images of dataset {on!r} in {lake_uri}: ingest them with labels first")
-    return np.asarray(labels), np.concatenate(scores), left_out
+    return np.asarray(labels), np.concatenate(scores), left_out, attributes
 
 
 def run(spark, cfg, dataset: str, model_version: int | None = None, on: str | None = None) -> dict[str, Any]:
@@ -236,7 +283,7 @@ def run(spark, cfg, dataset: str, model_version: int | None = None, on: str | No
     import json as _json
 
     from oncolake import calibration as calibration_map
-    from oncolake import lake, preprocess, registry, report, tracking
+    from oncolake import lake, modelcard, preprocess, registry, report, tracking
     lake_uri = lake.qualify(spark, cfg.lake)
     version = model_version or registry.latest(spark, lake_uri, dataset)
     model_dir = registry.version_uri(lake_uri, dataset, version)
@@ -246,8 +293,10 @@ def run(spark, cfg, dataset: str, model_version: int | None = None, on: str | No
     scores = {}
     for split in ("val", "test"):
         url = registry.petastorm_url(f"{tensors}/split={split}")
-        _, images, labels = read_split(url, lake.petastorm_filesystem(url, cfg.hdfs))
+        ids, images, labels = read_split(url, lake.petastorm_filesystem(url, cfg.hdfs))
         scores[split] = (labels, model.predict(images, batch_size=cfg.score.batch_size, verbose=0).ravel())
+        if split == "test":
+            test_images, test_ids = images, ids
     rule = cfg.train.threshold_rule
     threshold = choose_threshold(*scores["val"], rule=rule, target_sensitivity=cfg.train.target_sensitivity)
     test = metrics(*scores["test"], threshold=threshold, seed=cfg.train.seed)
@@ -258,6 +307,9 @@ def run(spark, cfg, dataset: str, model_version: int | None = None, on: str | No
               # the registered weights are the selected epoch's: re-scoring validation gives its AUC again
               "selection": {"best_epoch": record.get("best_epoch"), "best_val_auc": record.get("best_val_auc"),
                             "val_auc_rescored": val["auc"]}}
+    result["subgroups"] = subgroup_metrics(
+        *scores["test"], _attributes(spark, lake_uri, dataset, test_ids, cfg.evaluate.subgroups),
+        min_size=cfg.evaluate.min_subgroup, seed=cfg.train.seed)
     fitted = record.get("calibration") or {}
     uncalibrated = None
     if fitted.get("method", "none") != "none":
@@ -267,12 +319,15 @@ def run(spark, cfg, dataset: str, model_version: int | None = None, on: str | No
     if on:
         return _external(spark, cfg, lake_uri, dataset, version, model_dir, record, model, result, on)
     images = report.plots(*scores["test"], threshold, test, uncalibrated=uncalibrated)
+    images["explanations.png"] = _explanations(model, test_images, *scores["test"], threshold)
     lineage = {k: record.get(k) for k in ("tensors_uri", "tensors_version", "source_table_version",
                                           "architecture", "epochs_run", "best_epoch", "best_val_auc",
                                           "selection", "num_proc", "size", "resize")}
-    page = report.html_report(f"oncolake {dataset} model v{version}", result, images, lineage)
+    manifest = preprocess.read_manifest(spark, lake_uri, dataset, record["tensors_version"])
+    card = modelcard.render(dataset, version, record, manifest, result, _externals(spark, model_dir))
+    page = report.html_report(f"oncolake {dataset} model v{version}", result, images, lineage, card=card)
     files = {"metrics.json": _json.dumps(result, indent=2, sort_keys=True).encode(), "report.html": page.encode(),
-             **images}
+             "model_card.md": card.encode(), **images}
     for name, data in files.items():
         lake.write_bytes(spark, f"{model_dir}/{name}", data)
     run_id = tracking.log_run(cfg, lake_uri, f"evaluate-{dataset}-v{version}",
@@ -287,17 +342,52 @@ def run(spark, cfg, dataset: str, model_version: int | None = None, on: str | No
             "report": f"{model_dir}/report.html", "mlflow_run_id": run_id}
 
 
+def _externals(spark, model_dir: str) -> dict[str, dict[str, Any]]:
+    """The external validations recorded beside a model, by dataset."""
+    import json as _json
+
+    from oncolake import lake
+    return {name[len("external-"):-len(".json")]: _json.loads(lake.read_text(spark, f"{model_dir}/{name}"))
+            for name in lake.list_dir(spark, model_dir) if name.startswith("external-") and name.endswith(".json")}
+
+
+def _attributes(spark, lake_uri: str, dataset: str, ids: list[str], names) -> dict[str, list[str | None]]:
+    """The named labels-CSV attributes of these images of ``dataset``, in the order of ``ids``."""
+    from pyspark.sql import functions as F
+
+    from oncolake import lake
+    bronze = spark.read.format("delta").load(lake.table_uri(lake_uri, "bronze.images"))
+    wanted = spark.createDataFrame([(i,) for i in ids], "image_id string")
+    found = {row.image_id: row.attributes or {} for row in
+             bronze.filter(F.col("dataset") == dataset).join(wanted, "image_id").select("image_id", "attributes")
+             .collect()}
+    return {name: [found.get(i, {}).get(name) for i in ids] for name in names}
+
+
+def _explanations(model, images, labels, scores, threshold: float) -> bytes:
+    """Grad-CAM overlays of the most confident test images of each outcome, as one PNG."""
+    from oncolake import explain, report
+    picked = explain.pick_outcomes(labels, scores, threshold, per_outcome=4)
+    chosen = sorted({i for indices in picked.values() for i in indices})
+    cams = dict(zip(chosen, explain.gradcam(model, images[chosen]))) if chosen else {}
+    return report.explanations({outcome: [(explain.overlay(images[i], cams[i]), float(scores[i])) for i in indices]
+                                for outcome, indices in picked.items()})
+
+
 def _external(spark, cfg, lake_uri, dataset, version, model_dir, record, model, internal, on) -> dict[str, Any]:
     import json as _json
 
-    from oncolake import lake, report, tracking
-    labels, scores, left_out = external_scores(spark, cfg, lake_uri, model, record, dataset, on)
+    from oncolake import lake, modelcard, preprocess, report, tracking
+    labels, scores, left_out, attributes = external_scores(spark, cfg, lake_uri, model, record, dataset, on)
     threshold = internal["threshold"]
     external = metrics(labels, scores, threshold=threshold, seed=cfg.train.seed)
+    subgroups = subgroup_metrics(labels, scores, {name: [a.get(name) for a in attributes]
+                                                  for name in cfg.evaluate.subgroups},
+                                 min_size=cfg.evaluate.min_subgroup, seed=cfg.train.seed)
     gap = internal["test"]["auc"] - external["auc"]
     result = {**internal, "external_dataset": on, "external": external, "external_left_out_as_seen": left_out,
               "internal_test_auc": internal["test"]["auc"], "auc_gap": gap,
-              "test": external, "calibration": calibration(labels, scores)}
+              "test": external, "calibration": calibration(labels, scores), "subgroups": subgroups}
     images = report.plots(labels, scores, threshold, external)
     lineage = {"model": model_dir, "trained_on": dataset, "evaluated_on": on,
                "images": int(len(labels)), "left_out_as_seen_in_training_data": left_out,
@@ -309,6 +399,12 @@ def _external(spark, cfg, lake_uri, dataset, version, model_dir, record, model, 
              f"report-external-{on}.html": page.encode()}
     for name, data in files.items():
         lake.write_bytes(spark, f"{model_dir}/{name}", data)
+    # the model card gains the external results (with the internal ones evaluate recorded, or these)
+    internal_metrics = (_json.loads(lake.read_text(spark, f"{model_dir}/metrics.json"))
+                        if lake.exists(spark, f"{model_dir}/metrics.json") else internal)
+    manifest = preprocess.read_manifest(spark, lake_uri, dataset, record["tensors_version"])
+    lake.write_text(spark, f"{model_dir}/model_card.md", modelcard.render(
+        dataset, version, record, manifest, internal_metrics, _externals(spark, model_dir)))
     run_id = tracking.log_run(cfg, lake_uri, f"evaluate-{dataset}-v{version}-on-{on}",
                               params={"dataset": dataset, "model_version": version, "external_dataset": on},
                               metrics={"external_auc": external["auc"], "internal_test_auc": internal["test"]["auc"],

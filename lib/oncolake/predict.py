@@ -1,9 +1,10 @@
 """Predict single images with a registered model, without Spark (scripts/predict.sh).
 
-    scripts/predict.sh --lake lake --dataset busi [--model 2] IMAGE [IMAGE ...]
+    scripts/predict.sh --lake lake --dataset busi [--model 2] [--explain] IMAGE [IMAGE ...]
 
 Prints one line per image (probability of malignant, label at the model's
-stored threshold, model version) and a JSON summary last. Uses the same
+stored threshold, model version; with --explain, the path of a Grad-CAM
+overlay PNG) and a JSON summary last. Uses the same
 validation and preprocessing as the pipeline. Research use only.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from oncolake import cli, imaging, lake, registry
+from oncolake import cli, explain, imaging, lake, registry
 from oncolake.config import Config
 from oncolake.errors import InputError
 
@@ -41,10 +42,28 @@ def list_versions(cfg: Config, root: str) -> list[int]:
     return sorted(int(n[1:]) for n in names if n.startswith("v") and n[1:].isdigit())
 
 
+def _write_overlay(model, tensor: np.ndarray, folder: Path, stem: str, written: set[Path]) -> Path:
+    """Grad-CAM over the model's input image, as NAME.gradcam.png (NAME-2... when names repeat)."""
+    import cv2
+    folder.mkdir(parents=True, exist_ok=True)
+    target, n = folder / f"{stem}.gradcam.png", 1
+    while target in written:
+        n += 1
+        target = folder / f"{stem}-{n}.gradcam.png"
+    written.add(target)
+    image = explain.overlay(tensor, explain.gradcam(model, np.expand_dims(tensor, 0))[0])
+    if not cv2.imwrite(str(target), image[:, :, ::-1]):
+        raise InputError(f"could not write {target}")
+    return target
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = cli.parser("predict", __doc__)
     p.add_argument("--dataset", required=True)
     p.add_argument("--model", type=int, help="model version (default: the newest)")
+    p.add_argument("--explain", action="store_true",
+                   help="also write a Grad-CAM overlay PNG per image (NAME.gradcam.png in --explain-dir)")
+    p.add_argument("--explain-dir", default=".", help="where --explain writes its PNGs (default: here)")
     p.add_argument("images", nargs="+")
     args = p.parse_args(argv)
     try:
@@ -62,6 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cli.fail("predict", err)
     failures = 0
     results = []
+    written: set[Path] = set()
     for name in args.images:
         path = Path(name)
         data = path.read_bytes() if path.is_file() else b""
@@ -74,8 +94,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         tensor = imaging.prepare(data, record["size"], record["resize"])
         probability = float(model.predict(np.expand_dims(tensor, 0), verbose=0).ravel()[0])
         label = "malignant" if probability >= threshold else "benign"
-        results.append({"image": name, "probability": round(probability, 4), "label": label})
-        print(f"{name}\t{probability:.4f}\t{label}\tmodel v{version}", flush=True)
+        result = {"image": name, "probability": round(probability, 4), "label": label}
+        line = f"{name}\t{probability:.4f}\t{label}\tmodel v{version}"
+        if args.explain:
+            result["explanation"] = str(_write_overlay(model, tensor, Path(args.explain_dir), path.stem, written))
+            line += f"\t{result['explanation']}"
+        results.append(result)
+        print(line, flush=True)
     cli.emit({"job": "predict", "dataset": args.dataset, "model_version": version, "threshold": threshold,
               "predicted": len(results), "errors": failures,
               "notice": "research use only; not a diagnosis"})

@@ -130,7 +130,8 @@ def compute_ceiling(seconds: float = 3.0, threads: int | None = None) -> dict[st
     """GFLOP/s of a large fp32 matmul and of a large 3x3 convolution, in this process.
 
     Each runs for about ``seconds`` after a warm-up; the larger of the two is
-    ``ceiling_gflops``, what the cores compute at best with TensorFlow.
+    ``ceiling_gflops``, what the cores compute at best with TensorFlow in
+    float32. ``bf16_matmul_gflops`` is the same matmul in bfloat16.
     """
     import tensorflow as tf
     if threads:
@@ -150,4 +151,13 @@ def compute_ceiling(seconds: float = 3.0, threads: int | None = None) -> dict[st
             count += 1
         out[name] = round(count * flops / (time.perf_counter() - start) / 1e9, 1)
     out["ceiling_gflops"] = max(out["matmul_gflops"], out["conv3x3_gflops"])
+    # for reference: what the same matmul reaches in bfloat16 (a model in mixed
+    # bfloat16 can exceed the float32 ceiling)
+    a16, b16 = tf.cast(a, tf.bfloat16), tf.cast(b, tf.bfloat16)
+    tf.linalg.matmul(a16, b16).numpy()
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        tf.linalg.matmul(a16, b16).numpy()
+        count += 1
+    out["bf16_matmul_gflops"] = round(count * 2.0 * 2048 ** 3 / (time.perf_counter() - start) / 1e9, 1)
     return out

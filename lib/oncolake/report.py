@@ -85,7 +85,49 @@ def plots(labels, scores, threshold: float, test_metrics: dict[str, Any], uncali
     return out
 
 
-def html_report(title: str, metrics: dict[str, Any], images: dict[str, bytes], lineage: dict[str, Any]) -> str:
+def explanations(rows: dict[str, list[tuple[np.ndarray, float]]]) -> bytes:
+    """A grid of Grad-CAM overlays: one row per outcome, each image titled with its probability."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    columns = max([len(v) for v in rows.values()] + [1])
+    fig, axes = plt.subplots(len(rows), columns, figsize=(2.2 * columns, 2.4 * len(rows)), dpi=100, squeeze=False)
+    for r, (outcome, items) in enumerate(rows.items()):
+        for c in range(columns):
+            ax = axes[r][c]
+            ax.axis("off")
+            if c < len(items):
+                image, probability = items[c]
+                ax.imshow(image)
+                ax.set_title(f"p = {probability:.2f}", fontsize=9)
+        axes[r][0].text(-0.08, 0.5, outcome if items else f"{outcome}: none", transform=axes[r][0].transAxes,
+                        rotation=90, va="center", ha="right", fontsize=10)
+    fig.suptitle("Grad-CAM on test images (where the model looked, not whether it was right)", fontsize=10)
+    return _png(plt, fig)
+
+
+def _subgroup_section(subgroups: dict[str, list[dict[str, Any]]]) -> str:
+    """Per-attribute tables of subgroup AUCs (small subgroups marked, not hidden)."""
+    if not subgroups:
+        return ""
+    parts = ["<h2>Subgroups (test split)</h2><p>ROC AUC with a bootstrap 95 % interval per subgroup, "
+             "so a reviewer sees where the model is weaker. Small subgroups say little.</p>"]
+    for attribute, rows in subgroups.items():
+        cells = []
+        for row in rows:
+            if "auc" in row:
+                auc = f"{row['auc']:.3f} ({row['auc_ci95'][0]:.3f}-{row['auc_ci95'][1]:.3f})"
+            else:
+                auc = "too small for an AUC" if row.get("too_small") else "one class only"
+            cells.append(f"<tr><td>{html.escape(row['group'])}</td><td>{row['n']}</td>"
+                         f"<td>{row['positives']}</td><td>{auc}</td></tr>")
+        parts.append(f"<h3>{html.escape(attribute)}</h3><table><tr><th>group</th><th>images</th>"
+                     f"<th>malignant</th><th>ROC AUC (95 % CI)</th></tr>{''.join(cells)}</table>")
+    return "".join(parts)
+
+
+def html_report(title: str, metrics: dict[str, Any], images: dict[str, bytes], lineage: dict[str, Any],
+                card: str | None = None) -> str:
     """One HTML page with the figures embedded (no external files)."""
     test = metrics["test"]
     rows = [("ROC AUC (95 % CI)", f"{test['auc']:.3f} ({test['auc_ci95'][0]:.3f}-{test['auc_ci95'][1]:.3f})"),
@@ -120,7 +162,9 @@ th,td{{border:1px solid #ccc;padding:4px 10px;text-align:left}}figure{{display:i
 </head><body><h1>{html.escape(title)}</h1>
 <p class="notice">{html.escape(NOTICE)}</p>
 <h2>Test split</h2><table>{table}</table>
+{_subgroup_section(metrics.get("subgroups") or {})}
 <h2>Figures</h2>{figures}
+{f"<h2>Model card</h2><pre>{html.escape(card)}</pre>" if card else ""}
 <h2>Lineage</h2><pre>{html.escape(json.dumps(lineage, indent=2, sort_keys=True))}</pre>
 </body></html>
 """
