@@ -357,6 +357,7 @@ def _attributes(spark, lake_uri: str, dataset: str, ids: list[str], names) -> di
 
     from oncolake import lake
     bronze = spark.read.format("delta").load(lake.table_uri(lake_uri, "bronze.images"))
+    ids = [str(i) for i in ids]  # Petastorm gives numpy strings, which Spark cannot pickle
     wanted = spark.createDataFrame([(i,) for i in ids], "image_id string")
     found = {row.image_id: row.attributes or {} for row in
              bronze.filter(F.col("dataset") == dataset).join(wanted, "image_id").select("image_id", "attributes")
