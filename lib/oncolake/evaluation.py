@@ -253,7 +253,9 @@ def external_scores(spark, cfg, lake_uri: str, model, record: dict[str, Any], da
 
     from oncolake import imaging, lake, preprocess
     bronze = spark.read.format("delta").load(lake.table_uri(lake_uri, "bronze.images"))
-    labelled = preprocess._labelled(bronze.filter(F.col("dataset") == on), cfg.preprocess).filter("label IS NOT NULL")
+    theirs = bronze.filter(F.col("dataset") == on)
+    labelled = (preprocess._labelled(theirs, cfg.preprocess).filter("label IS NOT NULL")
+                .join(theirs.select("image_id", "attributes"), "image_id"))
     own = bronze.filter(F.col("dataset") == dataset).select("image_id")
     external = labelled.join(own, "image_id", "left_anti")
     left_out = labelled.count() - external.count()
