@@ -237,8 +237,11 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
                   "epochs_run": len(history.history.get("loss", []))}
         if rank == 0:
             if tcfg.profile_steps:
-                result["profile"] = profiling.trace_breakdown(str(scratch / "tensorboard"))
-                result["profile"]["steps"] = tcfg.profile_steps
+                try:
+                    result["profile"] = profiling.trace_breakdown(str(scratch / "tensorboard"))
+                    result["profile"]["steps"] = tcfg.profile_steps
+                except FileNotFoundError:  # training ended before the traced steps (epoch 2)
+                    result["profile"] = {"error": "no trace: training ended before epoch 2's traced steps"}
             final = scratch / "model.keras"
             model.save(final)
             result["model"] = final.read_bytes()
