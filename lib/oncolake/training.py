@@ -28,7 +28,9 @@ from typing import Any
 
 from pyspark.sql import SparkSession
 
-from oncolake import calibration, evaluation, lake, preprocess, profiling, registry, tracking
+# Module-level: Horovod's rank processes get these pickled by value with the training
+# function; an import inside it would look for an installed oncolake, which executors lack.
+from oncolake import calibration, evaluation, lake, preprocess, profiling, registry, selection, tracking
 from oncolake.config import Config, TrainConfig
 from oncolake.errors import ConfigError, DataQualityError
 
@@ -160,7 +162,6 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
     import horovod.tensorflow as hvd_tf
     import horovod.tensorflow.keras as hvd
     import tensorflow as tf
-    from oncolake import selection
 
     hvd.init()
     rank, size = hvd.rank(), hvd.size()
