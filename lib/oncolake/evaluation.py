@@ -241,38 +241,40 @@ def read_split(url: str, filesystem=None, shard: tuple[int, int] | None = None):
     return ids, np.stack(images), np.asarray(labels)
 
 
-def external_scores(spark, cfg, lake_uri: str, model, record: dict[str, Any], dataset: str,
+def external_scores(spark, cfg, lake_uri: str, model_dir: str, record: dict[str, Any], dataset: str,
                     on: str) -> tuple[np.ndarray, np.ndarray, int, list[dict[str, str]]]:
     """(labels, probabilities, images left out, attributes) of every labelled ``on`` image in bronze.
 
     Images whose bytes are also in ``dataset`` (the model's own data) are left
-    out, so none of them was seen in training. Decoded with the preprocessing
-    function at the model's size, streamed to the driver and predicted in batches.
+    out, so none of them was seen in training. Scored on the executors by the
+    scoring job's own function (decode at the model's size, predict in batches,
+    the model loaded once per worker); an image that no longer decodes is left out.
     """
     from pyspark.sql import functions as F
 
-    from oncolake import imaging, lake, preprocess
+    from oncolake import lake, preprocess, scoring
     bronze = spark.read.format("delta").load(lake.table_uri(lake_uri, "bronze.images"))
     theirs = bronze.filter(F.col("dataset") == on)
     labelled = (preprocess._labelled(theirs, cfg.preprocess).filter("label IS NOT NULL")
-                .join(theirs.select("image_id", "attributes"), "image_id"))
+                .join(theirs.select("image_id", "attributes", "ingest_date"), "image_id"))
     own = bronze.filter(F.col("dataset") == dataset).select("image_id")
     external = labelled.join(own, "image_id", "left_anti")
     left_out = labelled.count() - external.count()
-    labels, scores, tensors, attributes = [], [], [], []
-    for row in external.select("label", "content", "attributes").toLocalIterator():
-        tensors.append(imaging.prepare(bytes(row.content), record["size"], record["resize"]))
-        labels.append(int(row.label))
-        attributes.append(row.attributes or {})
-        if len(tensors) == cfg.score.arrow_batch_rows:
-            scores.append(model.predict(np.stack(tensors), batch_size=cfg.score.batch_size, verbose=0).ravel())
-            tensors = []
-    if tensors:
-        scores.append(model.predict(np.stack(tensors), batch_size=cfg.score.batch_size, verbose=0).ravel())
-    if not labels:
+    shipped = spark.sparkContext.broadcast(lake.read_bytes(spark, f"{model_dir}/model.keras"))
+    size, policy, batch = record["size"], record["resize"], cfg.score.batch_size
+    threads = max(1, int(spark.conf.get("spark.task.cpus", "1")))
+    scored = (external.select("image_id", "ingest_date", "content")
+              .repartition(spark.sparkContext.defaultParallelism)
+              .mapInPandas(lambda batches: scoring._score_batches(batches, shipped, size, policy, batch, threads),
+                           scoring._SCORED))
+    rows = (scored.filter("probability IS NOT NULL").join(external.select("image_id", "label", "attributes"),
+                                                          "image_id")
+            .select("label", "probability", "attributes").collect())
+    if not rows:
         from oncolake.errors import InputError
         raise InputError(f"no labelled images of dataset {on!r} in {lake_uri}: ingest them with labels first")
-    return np.asarray(labels), np.concatenate(scores), left_out, attributes
+    return (np.asarray([int(r.label) for r in rows]), np.asarray([float(r.probability) for r in rows]), left_out,
+            [r.attributes or {} for r in rows])
 
 
 def run(spark, cfg, dataset: str, model_version: int | None = None, on: str | None = None) -> dict[str, Any]:
@@ -319,7 +321,7 @@ def run(spark, cfg, dataset: str, model_version: int | None = None, on: str | No
         result["calibration_fit"] = {**fitted, "test_ece_after": test["ece"],
                                      "test_ece_before": expected_calibration_error(scores["test"][0], uncalibrated)}
     if on:
-        return _external(spark, cfg, lake_uri, dataset, version, model_dir, record, model, result, on)
+        return _external(spark, cfg, lake_uri, dataset, version, model_dir, record, result, on)
     images = report.plots(*scores["test"], threshold, test, uncalibrated=uncalibrated)
     images["explanations.png"] = _explanations(model, test_images, *scores["test"], threshold)
     lineage = {k: record.get(k) for k in ("tensors_uri", "tensors_version", "source_table_version",
@@ -377,11 +379,11 @@ def _explanations(model, images, labels, scores, threshold: float) -> bytes:
                                 for outcome, indices in picked.items()})
 
 
-def _external(spark, cfg, lake_uri, dataset, version, model_dir, record, model, internal, on) -> dict[str, Any]:
+def _external(spark, cfg, lake_uri, dataset, version, model_dir, record, internal, on) -> dict[str, Any]:
     import json as _json
 
     from oncolake import lake, modelcard, preprocess, report, tracking
-    labels, scores, left_out, attributes = external_scores(spark, cfg, lake_uri, model, record, dataset, on)
+    labels, scores, left_out, attributes = external_scores(spark, cfg, lake_uri, model_dir, record, dataset, on)
     threshold = internal["threshold"]
     external = metrics(labels, scores, threshold=threshold, seed=cfg.train.seed)
     subgroups = subgroup_metrics(labels, scores, {name: [a.get(name) for a in attributes]
