@@ -25,6 +25,7 @@ ENVIRONMENT = {
     "ONCOLAKE_SPARK_MASTER": "spark.master",
     "ONCOLAKE_WEBHDFS_URL": "hdfs.webhdfs_url",
     "ONCOLAKE_MLFLOW_TRACKING_URI": "mlflow.tracking_uri",
+    "ONCOLAKE_DICOM_KEY_FILE": "ingest.dicom.key_file",
 }
 #: Keys whose values are never logged.
 SECRET_MARKERS = ("password", "token", "secret")
@@ -43,12 +44,27 @@ class HdfsConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DicomConfig:
+    key_file: str = ""
+    patient_id_pattern: str = ""
+    accept_burned_in: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class IngestConfig:
-    extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+    extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
     group_columns: tuple[str, ...] = ("lesion_id", "patient_id")
     max_file_bytes: int = 64 * 1024 * 1024
     max_pixels: int = 50_000_000
     min_side: int = 8
+    batch_mb: int = 64
+    modalities: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    default_modality: str = "unspecified"
+    dicom: DicomConfig = DicomConfig()
+
+    def modality(self, dataset: str) -> str:
+        """The modality of a dataset's non-DICOM images."""
+        return self.modalities.get(dataset) or self.default_modality
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +78,13 @@ class PreprocessConfig:
     positive_labels: tuple[str, ...] = ("malignant", "1", "true", "yes")
     negative_labels: tuple[str, ...] = ("benign", "0", "false", "no", "normal")
     rows_per_row_group: int = 256
+    mammo_flip_right: bool = True
+    mammo_crop: bool = True
+    require_all_splits: bool = True
+
+    def pixels(self) -> dict[str, bool]:
+        """The pixel options :func:`oncolake.imaging.prepare` takes; recorded with tensors and models."""
+        return {"mammo_flip_right": self.mammo_flip_right, "mammo_crop": self.mammo_crop}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -252,10 +252,10 @@ def external_scores(spark, cfg, lake_uri: str, model_dir: str, record: dict[str,
     """
     from pyspark.sql import functions as F
 
-    from oncolake import lake, preprocess, scoring
+    from oncolake import lake, preprocess, registry, scoring
     bronze = spark.read.format("delta").load(lake.table_uri(lake_uri, "bronze.images"))
     theirs = bronze.filter(F.col("dataset") == on)
-    labelled = (preprocess._labelled(theirs, cfg.preprocess).filter("label IS NOT NULL")
+    labelled = (preprocess._labelled(theirs, cfg.preprocess, cfg.ingest.modality(on)).filter("label IS NOT NULL")
                 .join(theirs.select("image_id", "attributes", "ingest_date"), "image_id"))
     own = bronze.filter(F.col("dataset") == dataset).select("image_id")
     external = labelled.join(own, "image_id", "left_anti")
@@ -263,9 +263,11 @@ def external_scores(spark, cfg, lake_uri: str, model_dir: str, record: dict[str,
     shipped = spark.sparkContext.broadcast(lake.read_bytes(spark, f"{model_dir}/model.keras"))
     size, policy, batch = record["size"], record["resize"], cfg.score.batch_size
     threads = max(1, int(spark.conf.get("spark.task.cpus", "1")))
-    scored = (external.select("image_id", "ingest_date", "content")
+    known, pixels = registry.modalities(record, cfg.ingest.modality(dataset)), registry.pixel_options(record)
+    scored = (external.select("image_id", "ingest_date", "content", "modality")
               .repartition(spark.sparkContext.defaultParallelism)
-              .mapInPandas(lambda batches: scoring._score_batches(batches, shipped, size, policy, batch, threads),
+              .mapInPandas(lambda batches: scoring._score_batches(batches, shipped, size, policy, batch, threads,
+                                                                  pixels, known),
                            scoring._SCORED))
     rows = (scored.filter("probability IS NOT NULL").join(external.select("image_id", "label", "attributes"),
                                                           "image_id")

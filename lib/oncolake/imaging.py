@@ -8,6 +8,9 @@ counts as complete only if an end-of-image marker follows its first scan.
 
 :func:`prepare` is the one transform from stored bytes to a model tensor; the
 preprocess and scoring jobs both call it, so training and serving agree.
+DICOM files are validated and decoded by :mod:`oncolake.dicom`; here they
+become the same 8-bit RGB tensors as every other image, with the
+mammography steps (right-side views mirrored, crop to the breast) for MG.
 """
 from __future__ import annotations
 
@@ -18,10 +21,16 @@ import zlib
 import cv2
 import numpy as np
 
-#: Quarantine reasons, a fixed list.
-REASONS = ("empty", "unreadable", "corrupt", "truncated", "unsupported_format", "too_large", "too_small")
+from oncolake.dicom import read as dicom_read
+
+#: Quarantine reasons, a fixed list (docs/operations.md explains each).
+REASONS = ("empty", "unreadable", "corrupt", "truncated", "unsupported_format", "too_large", "too_small",
+           *dicom_read.REASONS)
 RESIZE_POLICIES = ("stretch", "crop", "pad")
-SUPPORTED_FORMATS = ("jpeg", "png", "bmp", "tiff")
+SUPPORTED_FORMATS = ("jpeg", "png", "bmp", "tiff", "dicom")
+#: DICOM pixels are shrunk to this many times the model's side before any
+#: other step (crop, resize): enough detail for the crop, little memory.
+DICOM_WORKING_SCALE = 8
 
 _UNSUPPORTED_MAGIC = (
     (b"GIF87a", "gif"), (b"GIF89a", "gif"), (b"\x00\x00\x00\x0cjP  ", "jpeg2000"),
@@ -100,6 +109,8 @@ def read_header(data: bytes) -> Header:
         raise ImageError("corrupt", "no known image signature in the leading bytes")
     if fmt not in SUPPORTED_FORMATS:
         raise ImageError("unsupported_format", f"{fmt} images are not supported")
+    if fmt == "dicom":
+        raise ValueError("DICOM headers are read by oncolake.dicom.read, not read_header")
     try:
         return {"jpeg": _jpeg_header, "png": _png_header, "bmp": _bmp_header, "tiff": _tiff_header}[fmt](data)
     except (struct.error, IndexError) as err:
@@ -113,6 +124,8 @@ def inspect(data: bytes, max_pixels: int, min_side: int) -> Inspection:
     """
     if not data:
         return Inspection(False, reason="empty", detail="the file has no bytes")
+    if dicom_read.is_dicom(data):
+        return _inspect_dicom(data, max_pixels, min_side)
     try:
         header = read_header(data)
         if header.width <= 0 or header.height <= 0:
@@ -137,6 +150,14 @@ def inspect(data: bytes, max_pixels: int, min_side: int) -> Inspection:
     channels = header.channels or (1 if array.ndim == 2 else array.shape[2])
     bit_depth = header.bit_depth or array.dtype.itemsize * 8
     return Inspection(True, header.format, header.width, header.height, channels, bit_depth)
+
+
+def _inspect_dicom(data: bytes, max_pixels: int, min_side: int) -> Inspection:
+    try:
+        _, facts = dicom_read.validate(data, max_pixels, min_side)
+    except dicom_read.DicomError as err:
+        return Inspection(False, "dicom", reason=err.reason, detail=err.detail)
+    return Inspection(True, "dicom", facts.width, facts.height, facts.samples, facts.bits_stored)
 
 
 def decode_rgb(data: bytes) -> np.ndarray:
@@ -179,9 +200,65 @@ def resize(image: np.ndarray, size: int, policy: str = "stretch") -> np.ndarray:
     return cv2.resize(image, (size, size), interpolation=interpolation)
 
 
-def prepare(data: bytes, size: int, policy: str = "stretch") -> np.ndarray:
-    """Stored bytes to the model's input: uint8 RGB, ``size`` x ``size`` x 3."""
+def prepare(data: bytes, size: int, policy: str = "stretch", *, mammo_flip_right: bool = False,
+            mammo_crop: bool = False) -> np.ndarray:
+    """Stored bytes to the model's input: uint8 RGB, ``size`` x ``size`` x 3.
+
+    DICOM: the first frame through :func:`oncolake.dicom.pixels.display`; for
+    mammograms (Modality MG) right-side views are mirrored so every breast
+    faces the same way (``mammo_flip_right``) and the image is cropped to the
+    breast (``mammo_crop``) before the resize.
+    """
+    if dicom_read.is_dicom(data):
+        return np.ascontiguousarray(resize(_dicom_rgb(data, size, mammo_flip_right, mammo_crop), size, policy),
+                                    dtype=np.uint8)
     return np.ascontiguousarray(resize(decode_rgb(data), size, policy), dtype=np.uint8)
+
+
+def dicom_modality(data: bytes) -> str | None:
+    """The Modality of a DICOM file's header (None if absent or not DICOM)."""
+    if not dicom_read.is_dicom(data):
+        return None
+    try:
+        return dicom_read.modality(dicom_read.parse(data))
+    except dicom_read.DicomError:
+        return None
+
+
+def _dicom_rgb(data: bytes, size: int, flip_right: bool, crop: bool) -> np.ndarray:
+    from oncolake.dicom import pixels
+    try:
+        ds = dicom_read.parse(data)
+        image = pixels.display(ds, max_side=max(DICOM_WORKING_SCALE * size, 512))
+    except dicom_read.DicomError as err:
+        raise ImageError(err.reason, err.detail) from err
+    if dicom_read.modality(ds) == "MG" and image.ndim == 2:
+        laterality = (dicom_read.laterality(ds) or "").upper()
+        if flip_right and laterality == "R":
+            image = cv2.flip(image, 1)
+        if crop:
+            image = crop_foreground(image)
+    return image if image.ndim == 3 else cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+
+
+def crop_foreground(grey: np.ndarray, min_fraction: float = 0.05) -> np.ndarray:
+    """The bounding box of the largest bright connected region of an 8-bit grey image.
+
+    Otsu's threshold on a blurred copy separates tissue from the dark
+    background; labels and markers are smaller components and fall outside.
+    If the largest region covers less than ``min_fraction`` of the image, the
+    image is returned whole (nothing trustworthy to crop to).
+    """
+    blurred = cv2.GaussianBlur(grey, (5, 5), 0)
+    _, mask = cv2.threshold(blurred, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    count, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    if count <= 1:
+        return grey
+    biggest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    x, y, w, h, area = (int(v) for v in stats[biggest])
+    if area < min_fraction * grey.size:
+        return grey
+    return grey[y:y + h, x:x + w]
 
 
 # --- container parsers ---------------------------------------------------------

@@ -5,6 +5,13 @@ the driver only sees file names, sizes and counts. Good images are merged into
 ``bronze.images`` on (dataset, image_id = SHA-256 of the bytes); bad files go to
 ``bronze.quarantine`` with a reason. A table is only committed to when there is
 something new, so a re-run on the same input leaves every table version as it was.
+
+DICOM files (``.dcm``, ``.dicom``, or no extension and the DICM preamble) take
+the same path with three differences, all on the executors: the image id is a
+keyed hash of the file (:class:`oncolake.dicom.deid.Pseudonyms`), the group is
+the patient's pseudonym, and the bytes stored are the de-identified file
+(:mod:`oncolake.dicom.deid`), never the original. DICOMDIR indexes and files
+without an extension that are not DICOM are skipped and counted.
 """
 from __future__ import annotations
 
@@ -22,6 +29,8 @@ from pyspark.sql import functions as F
 
 from oncolake import imaging, lake, schema, timing
 from oncolake.config import Config
+from oncolake.dicom import deid as dicom_deid
+from oncolake.dicom import read as dicom_read
 from oncolake.errors import ConfigError, DataQualityError, InputError
 
 log = logging.getLogger(__name__)
@@ -35,9 +44,12 @@ def _step(name: str):
 
 
 def run(spark: SparkSession, cfg: Config, dataset: str, source: str,
-        labels: str | None = None, ingest_date: str | None = None) -> dict[str, Any]:
+        labels: str | None = None, ingest_date: str | None = None,
+        modality: str | None = None) -> dict[str, Any]:
     """Ingest every image under ``source`` into ``bronze.images`` for ``dataset``.
 
+    ``modality`` is that of the non-DICOM images (default: the dataset's
+    ``ingest.modalities`` entry); DICOM images carry their own.
     Returns the job summary (counts, table URI and version).
     """
     if not dataset or not dataset.replace("_", "").replace("-", "").isalnum():
@@ -45,6 +57,9 @@ def run(spark: SparkSession, cfg: Config, dataset: str, source: str,
     day = _parse_date(ingest_date)
     now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
     icfg = cfg.ingest
+    modality = (modality or icfg.modality(dataset)).strip()
+    dcfg = icfg.dicom
+    key = dicom_deid.load_key(dcfg.key_file) if dcfg.key_file else None
     root = lake.qualify(spark, source)
     if not lake.is_dir(spark, root):
         raise InputError(f"input folder {source} does not exist or is not a folder")
@@ -73,13 +88,21 @@ def run(spark: SparkSession, cfg: Config, dataset: str, source: str,
                 stats, odd = _file_counts(files)
             odd_paths = ([r["path"] for r in files.filter("status = 'read' AND NOT has_image_ext").collect()]
                          if odd else [])
-        with _step("read and validate"):
+        # A Python worker gets Arrow batches of this many files: a few large
+        # DICOMs per batch, a few hundred small JPEGs.
+        batch = {"spark.sql.execution.arrow.maxRecordsPerBatch": str(_batch_rows(files, icfg.batch_mb))}
+        with _step("read and validate"), lake.spark_conf(spark, batch):
             content = _read_content(spark, root, icfg.extensions, icfg.max_file_bytes, odd_paths)
             # Decoding is the expensive step: once, keeping only the (small) verdicts.
             inspected = content.mapInPandas(
-                partial(_inspect_batches, max_pixels=icfg.max_pixels, min_side=icfg.min_side),
+                partial(_inspect_batches, max_pixels=icfg.max_pixels, min_side=icfg.min_side, key=key,
+                        pattern=dcfg.patient_id_pattern, accept_burned_in=dcfg.accept_burned_in),
                 schema.INSPECTION).persist(StorageLevel.MEMORY_AND_DISK)
-            inspected.count()
+            kinds = {(r["format"], r["reason"]): r["count"]
+                     for r in inspected.groupBy("format", "reason").count().collect()}
+        if kinds.get(("dicom", "no_key")):
+            dicom_deid.load_key("")  # raises the one clear error, before any table is touched
+        skipped_by_content = {reason: n for (_, reason), n in kinds.items() if reason in dicom_read.SKIPPED}
 
         # Broadcast file metadata to the image bytes unless the listing is huge.
         chosen = _chosen_images(inspected, files).persist(StorageLevel.MEMORY_AND_DISK)
@@ -87,13 +110,25 @@ def run(spark: SparkSession, cfg: Config, dataset: str, source: str,
         # The bytes are read again by the JVM alone (no Python, no decoding) and
         # must still hash to what was validated; a file changed in between waits
         # for the next run.
-        good = (content.join(hint(chosen), "path")
+        columns = _bronze_columns(dataset, now, day, modality)
+        good = (content.join(hint(chosen.filter(F.col("format") != "dicom")), "path")
                 .filter(F.sha2("content", 256) == F.col("image_id"))
-                .select(*_bronze_columns(dataset, now, day)))
+                .select(*columns))
+        if any(fmt == "dicom" and reason is None for fmt, reason in kinds):
+            # DICOM: the executors de-identify the file again (deterministic
+            # with the key) and check it is still the file validated.
+            dicom_chosen = chosen.filter(F.col("format") == "dicom")
+            deidentified = (content.join(hint(dicom_chosen.select("path", "image_id")), "path")
+                            .mapInPandas(partial(_deidentify_batches, key=key, pattern=dcfg.patient_id_pattern),
+                                         "path string, image_id string, content binary"))
+            good = good.unionByName(deidentified.join(hint(dicom_chosen), ["path", "image_id"]).select(*columns))
         bad = _quarantine_rows(inspected, files, dataset, now, day).persist(StorageLevel.MEMORY_AND_DISK)
-        with _step("merge images"):
+        with _step("merge images"), lake.spark_conf(spark, batch):
             bronze = lake.ensure_delta_table(spark, bronze_uri, schema.BRONZE_IMAGES,
                                              schema.BRONZE_IMAGES_PARTITIONS)
+            added = lake.add_missing_columns(spark, bronze_uri, schema.BRONZE_IMAGES)
+            if added:
+                log.info("bronze.images made by an earlier oncolake: added columns %s", ", ".join(added))
             # Delta's MERGE would shuffle the rows by partition column before
             # writing: a whole ingest date, image bytes and all, into one task
             # and one file. Written as read, the night is spread over the tasks.
@@ -116,8 +151,10 @@ def run(spark: SparkSession, cfg: Config, dataset: str, source: str,
             "input": root,
             "ingest_date": day.isoformat(),
             "files_seen": sum(stats.values()),
-            "candidates": sum(v for k, v in stats.items() if k != "skipped"),
+            "candidates": sum(v for k, v in stats.items() if k != "skipped") - sum(skipped_by_content.values()),
             "valid": valid,
+            "dicom": sum(n for (fmt, reason), n in kinds.items() if fmt == "dicom" and reason is None),
+            "modality": modality,
             "ingested": merged["inserted"],
             "labels_updated": merged["updated"],
             "already_present": merged["already_present"],
@@ -125,7 +162,8 @@ def run(spark: SparkSession, cfg: Config, dataset: str, source: str,
             "quarantined": sum(reasons.values()),
             "quarantine_added": quarantine_added,
             "quarantine_reasons": dict(sorted(reasons.items())),
-            "skipped": stats.get("skipped", 0),
+            "skipped": stats.get("skipped", 0) + sum(skipped_by_content.values()),
+            "dicomdir_skipped": skipped_by_content.get("dicomdir", 0),
             "labels_without_file": labels_without_file,
             "table": bronze_uri,
             "table_version": lake.table_version(spark, bronze_uri),
@@ -218,7 +256,11 @@ def _classify(listing: DataFrame, labels: DataFrame | None, extensions: tuple[st
               max_bytes: int) -> DataFrame:
     """Add ``status``: skipped, empty, too_large (by bytes) or read; and the CSV columns."""
     ext = F.lower(F.regexp_extract("relative_path", r"(\.[^./]+)$", 1))
-    files = listing.withColumn("has_image_ext", ext.isin([e.lower() for e in extensions]))
+    # A name without a dot may be a DICOM file (PACS exports often have no
+    # extension): read, and skipped later unless it has the DICM preamble.
+    no_ext = ~F.regexp_extract("relative_path", r"([^/]*)$", 1).contains(".")
+    files = (listing.withColumn("has_image_ext", ext.isin([e.lower() for e in extensions]))
+             .withColumn("no_ext", no_ext))
     if labels is not None:
         files = files.join(labels.withColumn("in_csv", F.lit(True)), "relative_path", "left")
     else:
@@ -226,7 +268,7 @@ def _classify(listing: DataFrame, labels: DataFrame | None, extensions: tuple[st
                  .withColumn("group_id", F.lit(None).cast("string"))
                  .withColumn("attributes", F.lit(None).cast("map<string,string>"))
                  .withColumn("in_csv", F.lit(False)))
-    candidate = F.col("has_image_ext") | F.coalesce(F.col("in_csv"), F.lit(False))
+    candidate = F.col("has_image_ext") | F.col("no_ext") | F.coalesce(F.col("in_csv"), F.lit(False))
     return files.withColumn(
         "status",
         F.when(~candidate, "skipped").when(F.col("length") == 0, "empty")
@@ -258,15 +300,30 @@ def _glob(extensions: tuple[str, ...]) -> str:
     return "*.{" + ",".join(fold(e) for e in extensions) + "}"
 
 
-def _inspect_batches(batches: Iterator[pd.DataFrame], max_pixels: int,
-                     min_side: int) -> Iterator[pd.DataFrame]:
+def _batch_rows(files: DataFrame, batch_mb: int) -> int:
+    """Arrow batch rows so that a batch of the largest files here is about ``batch_mb``."""
+    largest = files.filter(F.col("status") == "read").agg(F.max("length")).first()[0] or 1
+    return max(1, min(256, (batch_mb << 20) // largest))
+
+
+def _inspect_batches(batches: Iterator[pd.DataFrame], max_pixels: int, min_side: int,
+                     key: bytes | None = None, pattern: str = "",
+                     accept_burned_in: bool = False) -> Iterator[pd.DataFrame]:
     """Executor side: hash and fully validate each file; only the verdicts come back."""
     import cv2
     cv2.setNumThreads(1)  # one task, one core
+    pseudonyms = dicom_deid.Pseudonyms(key, pattern) if key else None
     for batch in batches:
         rows = []
         for path, data in zip(batch["path"], batch["content"]):
             data = bytes(data)
+            if dicom_read.is_dicom(data):
+                rows.append({"path": path, **_inspect_dicom(data, max_pixels, min_side, pseudonyms,
+                                                             accept_burned_in)})
+                continue
+            if "." not in path.rsplit("/", 1)[-1]:  # no extension and not DICOM: not a candidate
+                rows.append({"path": path, "reason": "not_dicom", "detail": "no extension and no DICM preamble"})
+                continue
             result = imaging.inspect(data, max_pixels=max_pixels, min_side=min_side)
             rows.append({
                 "path": path, "image_id": hashlib.sha256(data).hexdigest(),
@@ -275,37 +332,93 @@ def _inspect_batches(batches: Iterator[pd.DataFrame], max_pixels: int,
                 "reason": result.reason, "detail": result.detail,
             })
         out = pd.DataFrame(rows, columns=schema.INSPECTION.fieldNames())
-        for column in ("width", "height", "channels", "bit_depth"):
+        for column in ("width", "height", "channels", "bit_depth", "dicom_bits_stored", "dicom_frames"):
             out[column] = out[column].astype("Int32")
+        # a key missing from a row's dict is NaN to pandas; Arrow wants None for an array
+        out["dicom_pixel_spacing"] = [v if isinstance(v, list) else None for v in out["dicom_pixel_spacing"]]
         yield out
 
 
+def _inspect_dicom(data: bytes, max_pixels: int, min_side: int, pseudonyms, accept_burned_in: bool) -> dict:
+    """One DICOM file's verdict; with no key, only that it is DICOM (ingest then fails)."""
+    if pseudonyms is None:
+        return {"format": "dicom", "reason": "no_key", "detail": "no ingest.dicom.key_file"}
+    image_id = pseudonyms.image_id(data)
+    try:
+        ds, facts = dicom_read.validate(data, max_pixels, min_side, accept_burned_in)
+    except dicom_read.DicomError as err:
+        return {"image_id": image_id, "format": "dicom", "reason": err.reason, "detail": err.detail}
+    study, series = (str(ds.get(k, "") or "") for k in ("StudyInstanceUID", "SeriesInstanceUID"))
+    return {
+        "image_id": image_id, "format": "dicom", "width": facts.width, "height": facts.height,
+        "channels": facts.samples, "bit_depth": facts.bits_stored,
+        "patient": pseudonyms.patient(str(ds.get("PatientID", "") or "")), "modality": facts.modality,
+        "dicom_body_part": facts.body_part, "dicom_laterality": facts.laterality,
+        "dicom_view_position": facts.view_position, "dicom_manufacturer": facts.manufacturer,
+        "dicom_photometric": facts.photometric, "dicom_bits_stored": facts.bits_stored,
+        "dicom_frames": facts.frames,
+        "dicom_pixel_spacing": list(facts.pixel_spacing) if facts.pixel_spacing else None,
+        "dicom_transfer_syntax": facts.transfer_syntax,
+        "dicom_study": pseudonyms.uid(study) if study else None,
+        "dicom_series": pseudonyms.uid(series) if series else None,
+    }
+
+
+def _deidentify_batches(batches: Iterator[pd.DataFrame], key: bytes, pattern: str) -> Iterator[pd.DataFrame]:
+    """Executor side: the de-identified file for each validated DICOM (skipping any that changed)."""
+    pseudonyms = dicom_deid.Pseudonyms(key, pattern)
+    deidentifier = dicom_deid.Deidentifier(pseudonyms)
+    for batch in batches:
+        rows = []
+        for path, image_id, data in zip(batch["path"], batch["image_id"], batch["content"]):
+            data = bytes(data)
+            if pseudonyms.image_id(data) != image_id:
+                continue  # changed since it was validated: the next run takes it
+            try:
+                ds, _ = deidentifier.deidentify(dicom_read.parse(data))
+                rows.append({"path": path, "image_id": image_id, "content": deidentifier.to_bytes(ds)})
+            except Exception:  # validated moments ago; never echo what failed
+                log.warning("a validated DICOM file could not be de-identified; left for the next run")
+        yield pd.DataFrame(rows, columns=["path", "image_id", "content"])
+
+
 def _chosen_images(inspected: DataFrame, files: DataFrame) -> DataFrame:
-    """Metadata of one file per distinct good image: a labelled copy first, then the first path."""
-    meta = files.select("path", "relative_path", "length", "label", "group_id", "attributes")
-    good = inspected.filter(F.col("reason").isNull()).drop("reason", "detail").join(meta, "path")
+    """Metadata of one file per distinct good image: a labelled copy first, then the first path.
+
+    A DICOM image's group is its patient's pseudonym, whatever a CSV says.
+    """
+    meta = files.select("path", "relative_path", "length", "label", F.col("group_id").alias("csv_group"),
+                        "attributes")
+    good = (inspected.filter(F.col("reason").isNull()).drop("reason", "detail").join(meta, "path")
+            .withColumn("group_id", F.when(F.col("format") == "dicom", F.col("patient"))
+                        .otherwise(F.col("csv_group")))
+            .drop("csv_group", "patient"))
     first = (good.groupBy("image_id")
              .agg(F.min(F.struct(F.col("label").isNull().alias("unlabelled"), "path")).alias("first"))
              .select("first.path"))
     return good.join(first, "path", "left_semi")
 
 
-def _bronze_columns(dataset: str, now: dt.datetime, day: dt.date) -> list:
-    """The bronze.images columns from chosen metadata joined to the file's bytes."""
+def _bronze_columns(dataset: str, now: dt.datetime, day: dt.date, modality: str) -> list:
+    """The bronze.images columns from chosen metadata joined to the file's (or de-identified file's) bytes."""
+    facts = F.struct(*[F.col(f"dicom_{f.name}").alias(f.name) for f in schema.DICOM_FACTS.fields])
     return ["image_id", F.lit(dataset).alias("dataset"), "path", "relative_path", "label", "group_id",
             F.coalesce("attributes", F.create_map().cast("map<string,string>")).alias("attributes"),
             "format", "width", "height", "channels", "bit_depth",
-            F.col("length").alias("size_bytes"), "content",
+            F.length("content").cast("long").alias("size_bytes"), "content",
             F.lit(now).cast("timestamp").alias("ingested_at"),
             F.lit(now).cast("timestamp").alias("updated_at"),
-            F.lit(day).cast("date").alias("ingest_date")]
+            F.lit(day).cast("date").alias("ingest_date"),
+            F.coalesce(F.col("modality"), F.lit(modality)).alias("modality"),
+            F.when(F.col("format") == "dicom", facts).alias("dicom")]
 
 
 def _quarantine_rows(inspected: DataFrame, files: DataFrame, dataset: str, now: dt.datetime,
                      day: dt.date) -> DataFrame:
     """Bad files: failed validation, refused by size, or not readable at all."""
     meta = files.select("path", "relative_path", "length", "status")
-    failed = inspected.filter(F.col("reason").isNotNull()).join(meta, "path").select(
+    failed = (inspected.filter(F.col("reason").isNotNull() & ~F.col("reason").isin(*dicom_read.SKIPPED))
+              .join(meta, "path")).select(
         "path", "relative_path", "length", "reason", "detail", F.col("image_id").alias("content_sha256"))
     refused = meta.filter(F.col("status").isin("empty", "too_large")).select(
         "path", "relative_path", "length", F.col("status").alias("reason"),

@@ -171,6 +171,22 @@ def ensure_delta_table(spark: SparkSession, uri: str, schema: StructType,
     return with_retry(create, f"create {uri}")
 
 
+def add_missing_columns(spark: SparkSession, uri: str, schema: StructType) -> list[str]:
+    """Add ``schema``'s nullable columns the table at ``uri`` lacks (a table made by an older oncolake).
+
+    Returns the names added; one ALTER TABLE commit, none when nothing is missing.
+    """
+    have = set(spark.read.format("delta").load(uri).columns)
+    missing = [f for f in schema.fields if f.name not in have]
+    if not missing:
+        return []
+    if any(not f.nullable for f in missing):
+        raise ValueError(f"{uri} lacks non-nullable columns {[f.name for f in missing]}: cannot add them")
+    columns = ", ".join(f"`{f.name}` {f.dataType.simpleString()}" for f in missing)
+    with_retry(lambda: spark.sql(f"ALTER TABLE delta.`{uri}` ADD COLUMNS ({columns})"), f"add columns to {uri}")
+    return [f.name for f in missing]
+
+
 def table_version(spark: SparkSession, uri: str) -> int:
     """The table's current Delta version."""
     return int(DeltaTable.forPath(spark, uri).history(1).select("version").first()[0])

@@ -5,7 +5,9 @@
 Prints one line per image (probability of malignant, label at the model's
 stored threshold, model version; with --explain, the path of a Grad-CAM
 overlay PNG) and a JSON summary last. Uses the same
-validation and preprocessing as the pipeline. Research use only.
+validation and preprocessing as the pipeline. An image of a modality the
+model was not trained on (a DICOM file's own Modality; --modality, else the
+dataset's, for other files) is refused: `modality_mismatch`. Research use only.
 """
 from __future__ import annotations
 
@@ -64,6 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--explain", action="store_true",
                    help="also write a Grad-CAM overlay PNG per image (NAME.gradcam.png in --explain-dir)")
     p.add_argument("--explain-dir", default=".", help="where --explain writes its PNGs (default: here)")
+    p.add_argument("--modality", help="modality of non-DICOM images (default: the dataset's, ingest.modalities)")
     p.add_argument("images", nargs="+")
     args = p.parse_args(argv)
     try:
@@ -79,7 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = registry.load_model_bytes(read_lake_file(cfg, f"{model_dir}/model.keras"))
     except Exception as err:  # every failure ends as one line and an exit code
         return cli.fail("predict", err)
-    failures = 0
+    known = registry.modalities(record, cfg.ingest.modality(args.dataset))
+    failures = mismatched = 0
     results = []
     written: set[Path] = set()
     for name in args.images:
@@ -91,7 +95,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{name}\terror\t{reason}", flush=True)
             failures += 1
             continue
-        tensor = imaging.prepare(data, record["size"], record["resize"])
+        kind = imaging.dicom_modality(data) or args.modality or cfg.ingest.modality(args.dataset)
+        if kind not in known:
+            print(f"{name}\terror\tmodality_mismatch: a {kind} image; model v{version} was trained on "
+                  f"{', '.join(known)}", flush=True)
+            failures += 1
+            mismatched += 1
+            continue
+        tensor = imaging.prepare(data, record["size"], record["resize"], **registry.pixel_options(record))
         probability = float(model.predict(np.expand_dims(tensor, 0), verbose=0).ravel()[0])
         label = "malignant" if probability >= threshold else "benign"
         result = {"image": name, "probability": round(probability, 4), "label": label}
@@ -102,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results.append(result)
         print(line, flush=True)
     cli.emit({"job": "predict", "dataset": args.dataset, "model_version": version, "threshold": threshold,
-              "predicted": len(results), "errors": failures,
+              "predicted": len(results), "errors": failures, "modality_mismatch": mismatched,
               "notice": "research use only; not a diagnosis"})
     return 1 if failures else 0
 

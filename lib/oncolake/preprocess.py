@@ -38,7 +38,7 @@ from pyspark.sql import Column, DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import IntegerType, StringType
 
-from oncolake import imaging, lake, timing
+from oncolake import imaging, lake, schema, timing
 from oncolake.config import Config, HdfsConfig, PreprocessConfig
 from oncolake.errors import ConfigError, DataQualityError
 
@@ -99,7 +99,8 @@ def run(spark: SparkSession, cfg: Config, dataset: str) -> dict[str, Any]:
     bronze = (spark.read.format("delta").option("versionAsOf", source_version).load(bronze_uri)
               .filter(F.col("dataset") == dataset))
     # Not cached: counts and the digest read no image bytes (Parquet column pruning).
-    return _run(spark, cfg, dataset, lake_uri, source_version, _labelled(bronze, pcfg))
+    return _run(spark, cfg, dataset, lake_uri, source_version,
+                _labelled(bronze, pcfg, cfg.ingest.modality(dataset)))
 
 
 def _step(name: str):
@@ -113,8 +114,11 @@ def _run(spark, cfg, dataset, lake_uri, source_version, labelled) -> dict[str, A
         # the labelled images that says whether an existing version holds them.
         rows = labelled.groupBy("label").agg(
             F.count("*").alias("count"),
-            F.sum(F.xxhash64("image_id", "label", "group_id").cast("decimal(38,0)")).alias("digest")).collect()
+            F.sum(F.xxhash64("image_id", "label", "group_id").cast("decimal(38,0)")).alias("digest"),
+            F.collect_set("modality").alias("modalities"), F.max("size_bytes").alias("largest")).collect()
         counts = {r["label"]: r["count"] for r in rows}
+        modalities = sorted({m for r in rows if r["label"] is not None for m in r["modalities"]})
+        largest = max((r["largest"] or 0) for r in rows)
         sums = [r["digest"] for r in rows if r["label"] is not None]
         digest = str(sum(sums)) if sums else None  # as Spark renders the decimal(38,0) sum
         fingerprint = _fingerprint(pcfg, digest)
@@ -146,17 +150,23 @@ def _run(spark, cfg, dataset, lake_uri, source_version, labelled) -> dict[str, A
             planned = {s: {"0": 0, "1": 0} for s in SPLITS}
             for r in meta.groupBy("split", "label").count().collect():
                 planned[r["split"]][str(r["label"])] = r["count"]
-            _check_filled(dataset, planned)
+            _check_filled(dataset, planned, pcfg.require_all_splits)
             copies, planned_after = _balance_plan(meta.filter(F.col("split") == "train"), planned["train"], pcfg)
         expected = sum(sum(planned[s].values()) for s in ("val", "test")) + sum(planned_after.values())
         with _step("decode, balance and write"):
-            tally = _write_tensors(spark, tmp, images.join(F.broadcast(assignment), "group_key")
-                                   .withColumn("copies", copies), pcfg, expected, dataset, cfg.hdfs)
+            # Arrow batches of about ingest.batch_mb of stored images (a few
+            # mammograms, hundreds of dermoscopy JPEGs) bound a worker's memory.
+            batch_rows = max(1, min(256, (cfg.ingest.batch_mb << 20) // max(largest, 1)))
+            with lake.spark_conf(spark, {"spark.sql.execution.arrow.maxRecordsPerBatch": str(batch_rows)}):
+                tally = _write_tensors(spark, tmp, images.join(F.broadcast(assignment), "group_key")
+                                       .withColumn("copies", copies), pcfg, expected, dataset, cfg.hdfs,
+                                       planned)
         class_counts, failed = tally["class_counts"], tally["failed"]
         manifest = {
             "dataset": dataset, "version": version, "fingerprint": fingerprint,
             "source_table": lake.table_uri(lake_uri, "bronze.images"),
             "source_table_version": source_version, "size": pcfg.size, "resize": pcfg.resize,
+            "pixels": pcfg.pixels(), "modalities": modalities,
             "seed": pcfg.seed, "split_fractions": dict(pcfg.split),
             "class_counts": class_counts,
             "balancing": _balance_info(class_counts["train"], tally["written"]["train"], pcfg),
@@ -177,9 +187,15 @@ def _run(spark, cfg, dataset, lake_uri, source_version, labelled) -> dict[str, A
             lake.delete(spark, tmp)
 
 
-def _check_filled(dataset: str, counts: dict[str, dict[str, int]]) -> None:
-    if any(sum(counts[s].values()) == 0 for s in SPLITS):
-        raise DataQualityError(f"dataset {dataset} is too small to fill train, val and test: {counts}")
+def _check_filled(dataset: str, counts: dict[str, dict[str, int]], require_all: bool = True) -> None:
+    """Every split must get images (only train with ``preprocess.require_all_splits`` false)."""
+    needed = SPLITS if require_all else ("train",)
+    if any(sum(counts[s].values()) == 0 for s in needed):
+        raise DataQualityError(f"dataset {dataset} is too small to fill {', '.join(needed)}: {counts} "
+                               f"(groups, not images, are dealt to splits)")
+    if not require_all and any(sum(counts[s].values()) == 0 for s in SPLITS):
+        log.warning("dataset %s leaves a split empty (%s): tensors for inspection only, not for training",
+                    dataset, counts)
 
 
 def _sweep_abandoned(spark: SparkSession, root: str) -> None:
@@ -207,13 +223,14 @@ def _check(pcfg: PreprocessConfig) -> None:
         raise ConfigError(f"preprocess.size must be between 8 and 1024, got {pcfg.size}")
 
 
-def _labelled(bronze: DataFrame, pcfg: PreprocessConfig) -> DataFrame:
+def _labelled(bronze: DataFrame, pcfg: PreprocessConfig, default_modality: str) -> DataFrame:
     """Bronze rows with the label mapped to 1 (malignant), 0 (benign) or null (unknown)."""
     raw = F.lower(F.trim("label"))
     label = (F.when(raw.isin([v.lower() for v in pcfg.positive_labels]), 1)
              .when(raw.isin([v.lower() for v in pcfg.negative_labels]), 0))
-    return bronze.select("image_id", label.cast("int").alias("label"), "group_id", "content",
-                         F.coalesce("group_id", F.concat(F.lit("image:"), "image_id")).alias("group_key"))
+    return bronze.select("image_id", label.cast("int").alias("label"), "group_id", "content", "size_bytes",
+                         F.coalesce("group_id", F.concat(F.lit("image:"), "image_id")).alias("group_key"),
+                         schema.modality(bronze, default_modality).alias("modality"))
 
 
 def _fingerprint(pcfg: PreprocessConfig, digest: str | None) -> str:
@@ -266,7 +283,8 @@ def _deal(groups: pd.DataFrame, fractions: dict[str, float]) -> pd.DataFrame:
     ], ignore_index=True)
 
 
-def _tensor_batches(batches: Iterator[pd.DataFrame], size: int, policy: str) -> Iterator[pd.DataFrame]:
+def _tensor_batches(batches: Iterator[pd.DataFrame], size: int, policy: str,
+                    options: dict[str, bool] | None = None) -> Iterator[pd.DataFrame]:
     """Executor side: bytes -> uint8 tensor (npy bytes, as Petastorm's NdarrayCodec stores it).
 
     An image comes out ``copies`` times (its balancing plan); the first row
@@ -286,7 +304,7 @@ def _tensor_batches(batches: Iterator[pd.DataFrame], size: int, policy: str) -> 
                    "image": None, "keep": bool(copies > 0), "first": True, "error": None,
                    **dict.fromkeys(_SUMS)}
             try:
-                tensor = imaging.prepare(bytes(content), size, policy)
+                tensor = imaging.prepare(bytes(content), size, policy, **(options or {}))
             except (imaging.ImageError, cv2.error) as err:
                 rows.append({**row, "keep": False, "error": str(err)[:200]})
                 continue
@@ -360,7 +378,7 @@ def _tasks(spark: SparkSession, rows: int, row_bytes: int) -> int:
 
 
 def _write_tensors(spark: SparkSession, tmp: str, planned: DataFrame, pcfg: PreprocessConfig, rows: int,
-                   dataset: str, hdfs: HdfsConfig) -> dict[str, Any]:
+                   dataset: str, hdfs: HdfsConfig, planned_counts: dict[str, dict[str, int]]) -> dict[str, Any]:
     """Decode, balance and write the three splits under ``tmp`` in one pass; returns the tally.
 
     The tally (rows written and images per split and label, decode failures,
@@ -371,7 +389,7 @@ def _write_tensors(spark: SparkSession, tmp: str, planned: DataFrame, pcfg: Prep
     row_bytes = pcfg.size ** 2 * 3 + 128  # an npy tensor and its row's other columns
     tensors = (planned.select("image_id", "label", "group_id", "split", "content", "copies")
                .repartition(_tasks(spark, rows, row_bytes), "image_id")
-               .mapInPandas(lambda it: _tensor_batches(it, pcfg.size, pcfg.resize), _TENSORS))
+               .mapInPandas(lambda it: _tensor_batches(it, pcfg.size, pcfg.resize, pcfg.pixels()), _TENSORS))
     ok, train = F.col("error").isNull(), F.col("split") == "train"
 
     def count(condition: Column) -> Column:
@@ -391,7 +409,7 @@ def _write_tensors(spark: SparkSession, tmp: str, planned: DataFrame, pcfg: Prep
     schema = tensor_schema(pcfg.size)
     with contextlib.ExitStack() as stack:
         # Petastorm's metadata (schema, row groups per file) for each split's folder.
-        for split in SPLITS:
+        for split in (s for s in SPLITS if sum(planned_counts[s].values())):
             url = f"{tmp}/split={split}"
             factory = None if lake.is_local(url) else functools.partial(lake.petastorm_filesystem, url, hdfs)
             stack.enter_context(materialize_dataset(spark, url, schema, row_group_size_mb=group_mb,
@@ -402,7 +420,7 @@ def _write_tensors(spark: SparkSession, tmp: str, planned: DataFrame, pcfg: Prep
         tally = {"written": {s: {c: seen[f"rows_{s}_{c}"] for c in ("0", "1")} for s in SPLITS},
                  "class_counts": {s: {c: seen[f"images_{s}_{c}"] for c in ("0", "1")} for s in SPLITS},
                  "failed": (seen["failed"] or "").split()}
-        _check_filled(dataset, tally["written"])
+        _check_filled(dataset, tally["written"], pcfg.require_all_splits)
     if tally["failed"]:
         log.warning("%d images of %s failed to decode and were left out", len(tally["failed"]), dataset)
     tally["normalisation"] = _normalisation(seen, sum(tally["class_counts"]["train"].values()), pcfg.size)

@@ -50,6 +50,16 @@ def read_record(spark: SparkSession, model_dir: str) -> dict[str, Any]:
     return json.loads(lake.read_text(spark, f"{model_dir}/model.json"))
 
 
+def modalities(record: Mapping[str, Any], default: str) -> list[str]:
+    """The modalities a model was trained on; ``default`` (its dataset's) for a model recorded before them."""
+    return list(record.get("modalities") or [default])
+
+
+def pixel_options(record: Mapping[str, Any]) -> dict[str, bool]:
+    """The :func:`oncolake.imaging.prepare` options the model's tensors were made with."""
+    return dict(record.get("pixels") or {})
+
+
 def load_model(spark: SparkSession, model_dir: str):
     """The Keras model of a version, loaded in safe mode."""
     return load_model_bytes(lake.read_bytes(spark, f"{model_dir}/model.keras"))

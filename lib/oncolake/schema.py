@@ -1,6 +1,24 @@
 """Every StructType oncolake writes or exchanges, in one place."""
-from pyspark.sql.types import (BinaryType, DateType, DoubleType, IntegerType, LongType, MapType, StringType,
-                               StructField, StructType, TimestampType)
+from pyspark.sql import Column, DataFrame
+from pyspark.sql import functions as F
+from pyspark.sql.types import (ArrayType, BinaryType, DateType, DoubleType, IntegerType, LongType, MapType,
+                               StringType, StructField, StructType, TimestampType)
+
+#: What a DICOM image's header says, as bronze keeps it (never anything identifying;
+#: study and series are keyed pseudonyms).
+DICOM_FACTS = StructType([
+    StructField("body_part", StringType(), True),
+    StructField("laterality", StringType(), True),
+    StructField("view_position", StringType(), True),
+    StructField("manufacturer", StringType(), True),
+    StructField("photometric", StringType(), True),
+    StructField("bits_stored", IntegerType(), True),
+    StructField("frames", IntegerType(), True),
+    StructField("pixel_spacing", ArrayType(DoubleType()), True),
+    StructField("transfer_syntax", StringType(), True),
+    StructField("study", StringType(), True),
+    StructField("series", StringType(), True),
+])
 
 #: bronze.images: one row per distinct image (by SHA-256 of its bytes) per dataset.
 BRONZE_IMAGES = StructType([
@@ -21,6 +39,9 @@ BRONZE_IMAGES = StructType([
     StructField("ingested_at", TimestampType(), False),
     StructField("updated_at", TimestampType(), False),
     StructField("ingest_date", DateType(), False),
+    # Added with DICOM support; null in rows written before it (read as default_modality).
+    StructField("modality", StringType(), True),
+    StructField("dicom", DICOM_FACTS, True),
 ])
 BRONZE_IMAGES_PARTITIONS = ("dataset", "ingest_date")
 
@@ -49,6 +70,11 @@ INSPECTION = StructType([
     StructField("bit_depth", IntegerType(), True),
     StructField("reason", StringType(), True),
     StructField("detail", StringType(), True),
+    # DICOM only: the patient pseudonym, the header's modality and facts (flat;
+    # ingest builds the struct).
+    StructField("patient", StringType(), True),
+    StructField("modality", StringType(), True),
+    *[StructField(f"dicom_{f.name}", f.dataType, True) for f in DICOM_FACTS.fields],
 ])
 
 #: gold.predictions: one row per image per model version.
@@ -64,3 +90,10 @@ GOLD_PREDICTIONS = StructType([
     StructField("ingest_date", DateType(), False),
 ])
 GOLD_PREDICTIONS_PARTITIONS = ("dataset", "ingest_date")
+
+
+def modality(bronze: DataFrame, default: str) -> Column:
+    """An image's modality; ``default`` (the dataset's) for rows ingested before modalities were kept."""
+    if "modality" not in bronze.columns:
+        return F.lit(default)
+    return F.coalesce(F.col("modality"), F.lit(default))

@@ -33,6 +33,8 @@ from oncolake.errors import ConfigError, InputError
 log = logging.getLogger(__name__)
 
 _SCORED = ("image_id string, ingest_date date, probability double, error string")
+#: The error of an image whose modality the model was not trained on (never predicted).
+MODALITY_MISMATCH = "modality_mismatch"
 _MODELS: dict[str, Any] = {}  # per Python worker: model bytes digest -> loaded model
 
 
@@ -66,7 +68,9 @@ def run(spark: SparkSession, cfg: Config, dataset: str, model_version: int | Non
     if not dates:
         return _summary(dataset, version, [], 0, 0, 0, predictions_uri, 0.0, threshold)
     in_dates = F.col("ingest_date").isin(dates)
-    todo = images.filter(in_dates).select("image_id", "ingest_date", "content").join(
+    todo = images.filter(in_dates).select(
+        "image_id", "ingest_date", "content",
+        schema.modality(images, cfg.ingest.modality(dataset)).alias("modality")).join(
         done.filter(in_dates).select("image_id"), "image_id", "left_anti")
     already = done.filter(in_dates).count()
     pending = todo.select("image_id").count()  # ids only: no image bytes read
@@ -86,8 +90,10 @@ def run(spark: SparkSession, cfg: Config, dataset: str, model_version: int | Non
     shipped = spark.sparkContext.broadcast(model_bytes)
     size, policy, batch = record["size"], record["resize"], cfg.score.batch_size
     threads = max(1, int(spark.conf.get("spark.task.cpus", "1")))
+    known = registry.modalities(record, cfg.ingest.modality(dataset))
+    pixels = registry.pixel_options(record)
     scored_rows = todo.mapInPandas(
-        lambda batches: _score_batches(batches, shipped, size, policy, batch, threads), _SCORED)
+        lambda batches: _score_batches(batches, shipped, size, policy, batch, threads, pixels, known), _SCORED)
     now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
     rows = scored_rows.select(
         "image_id", F.lit(dataset).alias("dataset"), F.lit(version).alias("model_version"), "probability",
@@ -105,12 +111,15 @@ def run(spark: SparkSession, cfg: Config, dataset: str, model_version: int | Non
                         f"insert into {predictions_uri}")
     seconds = time.perf_counter() - start
     inserted = lake.commit_metric(target, before, "numTargetRowsInserted")
-    errors = (target.toDF().filter((F.col("dataset") == dataset) & (F.col("model_version") == version)
-                                   & in_dates & F.col("error").isNotNull()).count())
+    tally = (target.toDF().filter((F.col("dataset") == dataset) & (F.col("model_version") == version)
+                                  & in_dates & F.col("error").isNotNull())
+             .agg(F.count("*").alias("errors"),
+                  F.sum((F.col("error") == MODALITY_MISMATCH).cast("int")).alias("mismatch")).first())
     shipped.unpersist()
     _declare_tables(spark, lake_uri)
-    return _summary(dataset, version, dates, inserted, already, errors, predictions_uri,
-                    inserted / seconds if seconds > 0 else 0.0, threshold)
+    return _summary(dataset, version, dates, inserted, already, tally["errors"], predictions_uri,
+                    inserted / seconds if seconds > 0 else 0.0, threshold,
+                    modality_mismatch=tally["mismatch"] or 0, modalities=known)
 
 
 def _declare_tables(spark: SparkSession, lake_uri: str) -> None:
@@ -140,8 +149,13 @@ def _model(shipped) -> Any:
 
 
 def _score_batches(batches: Iterator[pd.DataFrame], shipped, size: int, policy: str, batch_size: int,
-                   threads: int) -> Iterator[pd.DataFrame]:
-    """Executor side: decode with the preprocessing function, predict in batches."""
+                   threads: int, pixels: dict[str, bool] | None = None,
+                   modalities: list[str] | None = None) -> Iterator[pd.DataFrame]:
+    """Executor side: decode with the preprocessing function, predict in batches.
+
+    With ``modalities``, an image of any other modality is not decoded nor
+    predicted: its row gets the error ``modality_mismatch``.
+    """
     import cv2
     import tensorflow as tf
     cv2.setNumThreads(1)
@@ -153,9 +167,13 @@ def _score_batches(batches: Iterator[pd.DataFrame], shipped, size: int, policy: 
     model = _model(shipped)
     for frame in batches:
         tensors, keep, errors = [], [], [None] * len(frame)
-        for i, content in enumerate(frame["content"]):
+        kinds = frame["modality"] if modalities is not None and "modality" in frame else [None] * len(frame)
+        for i, (content, kind) in enumerate(zip(frame["content"], kinds)):
+            if kind is not None and kind not in modalities:
+                errors[i] = MODALITY_MISMATCH
+                continue
             try:
-                tensors.append(imaging.prepare(bytes(content), size, policy))
+                tensors.append(imaging.prepare(bytes(content), size, policy, **(pixels or {})))
                 keep.append(i)
             except (imaging.ImageError, cv2.error) as err:
                 errors[i] = str(err)[:200]
@@ -167,8 +185,10 @@ def _score_batches(batches: Iterator[pd.DataFrame], shipped, size: int, policy: 
                             "error": errors})
 
 
-def _summary(dataset, version, dates, inserted, already, errors, table, rate, threshold) -> dict[str, Any]:
+def _summary(dataset, version, dates, inserted, already, errors, table, rate, threshold,
+             modality_mismatch: int = 0, modalities: list[str] | None = None) -> dict[str, Any]:
     return {"job": "score", "dataset": dataset, "model_version": version,
             "partitions_scored": [d.isoformat() for d in dates], "scored": inserted,
-            "already_scored": already, "errors": errors, "table": table,
+            "already_scored": already, "errors": errors, "modality_mismatch": modality_mismatch,
+            "model_modalities": modalities or [], "table": table,
             "images_per_sec": round(rate, 1), "threshold": threshold}

@@ -368,6 +368,8 @@ def run(spark: SparkSession, cfg: Config, dataset: str, tensors_version: int | N
         "hyperparameters": dataclasses.asdict(tcfg), "tensors_version": tensors_version,
         "tensors_uri": tensors, "source_table_version": manifest["source_table_version"],
         "size": manifest["size"], "resize": manifest["resize"], "normalisation": manifest["normalisation"],
+        "pixels": manifest.get("pixels", {}),
+        "modalities": manifest.get("modalities") or [cfg.ingest.modality(dataset)],
         "history": history, "epochs_run": chief["epochs_run"], "best_val_auc": best_auc,
         "best_epoch": best_epoch, "precision": chief["precision"],
         "selection": {"criterion": "exact validation ROC AUC, inference mode", "ema_decay": tcfg.ema_decay,
