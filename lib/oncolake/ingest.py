@@ -16,6 +16,7 @@ without an extension that are not DICOM are skipped and counted.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import logging
 import urllib.parse
@@ -74,7 +75,7 @@ def run(spark: SparkSession, cfg: Config, dataset: str, source: str,
         listing = _with_relative_path(reader.select("path", "length"), root)
         files = _classify(listing, label_rows, icfg.extensions, icfg.max_file_bytes)
         files.persist(StorageLevel.MEMORY_AND_DISK)
-    inspected = bad = chosen = None
+    inspected = checked = bad = chosen = None
     try:
         with _step("classify"):
             stats, odd = _file_counts(files)
@@ -93,36 +94,40 @@ def run(spark: SparkSession, cfg: Config, dataset: str, source: str,
         batch = {"spark.sql.execution.arrow.maxRecordsPerBatch": str(_batch_rows(files, icfg.batch_mb))}
         with _step("read and validate"), lake.spark_conf(spark, batch):
             content = _read_content(spark, root, icfg.extensions, icfg.max_file_bytes, odd_paths)
-            # Decoding is the expensive step: once, keeping only the (small) verdicts.
+            # Decoding is the expensive step: once. What comes back is the
+            # verdict, and for a good DICOM its de-identified file (made in the
+            # same pass, so the original crosses to Python once).
             inspected = content.mapInPandas(
                 partial(_inspect_batches, max_pixels=icfg.max_pixels, min_side=icfg.min_side, key=key,
                         pattern=dcfg.patient_id_pattern, accept_burned_in=dcfg.accept_burned_in),
-                schema.INSPECTION).persist(StorageLevel.MEMORY_AND_DISK)
+                schema.INSPECTION).persist(StorageLevel.DISK_ONLY)  # de-identified files: never on the heap
+            # Everything but the DICOM rows reads the small verdicts only.
+            checked = inspected.drop("deidentified").persist(StorageLevel.MEMORY_AND_DISK)
             kinds = {(r["format"], r["reason"]): r["count"]
-                     for r in inspected.groupBy("format", "reason").count().collect()}
+                     for r in checked.groupBy("format", "reason").count().collect()}
         if kinds.get(("dicom", "no_key")):
             dicom_deid.load_key("")  # raises the one clear error, before any table is touched
         skipped_by_content = {reason: n for (_, reason), n in kinds.items() if reason in dicom_read.SKIPPED}
 
         # Broadcast file metadata to the image bytes unless the listing is huge.
-        chosen = _chosen_images(inspected, files).persist(StorageLevel.MEMORY_AND_DISK)
+        chosen = _chosen_images(checked, files).persist(StorageLevel.MEMORY_AND_DISK)
         hint = F.broadcast if sum(stats.values()) <= BROADCAST_FILES else (lambda frame: frame)
-        # The bytes are read again by the JVM alone (no Python, no decoding) and
-        # must still hash to what was validated; a file changed in between waits
-        # for the next run.
         columns = _bronze_columns(dataset, now, day, modality)
-        good = (content.join(hint(chosen.filter(F.col("format") != "dicom")), "path")
-                .filter(F.sha2("content", 256) == F.col("image_id"))
-                .select(*columns))
-        if any(fmt == "dicom" and reason is None for fmt, reason in kinds):
-            # DICOM: the executors de-identify the file again (deterministic
-            # with the key) and check it is still the file validated.
+        valid_formats = {fmt for fmt, reason in kinds if reason is None}
+        parts = []
+        if valid_formats - {"dicom"} or not valid_formats:
+            # The bytes are read again by the JVM alone (no Python, no
+            # decoding) and must still hash to what was validated; a file
+            # changed in between waits for the next run.
+            parts.append(content.join(hint(chosen.filter(F.col("format") != "dicom")), "path")
+                         .filter(F.sha2("content", 256) == F.col("image_id")).select(*columns))
+        if "dicom" in valid_formats:
             dicom_chosen = chosen.filter(F.col("format") == "dicom")
-            deidentified = (content.join(hint(dicom_chosen.select("path", "image_id")), "path")
-                            .mapInPandas(partial(_deidentify_batches, key=key, pattern=dcfg.patient_id_pattern),
-                                         "path string, image_id string, content binary"))
-            good = good.unionByName(deidentified.join(hint(dicom_chosen), ["path", "image_id"]).select(*columns))
-        bad = _quarantine_rows(inspected, files, dataset, now, day).persist(StorageLevel.MEMORY_AND_DISK)
+            deidentified = (inspected.filter((F.col("format") == "dicom") & F.col("reason").isNull())
+                            .select("path", "image_id", F.col("deidentified").alias("content")))
+            parts.append(deidentified.join(hint(dicom_chosen), ["path", "image_id"]).select(*columns))
+        good = functools.reduce(DataFrame.unionByName, parts)
+        bad = _quarantine_rows(checked, files, dataset, now, day).persist(StorageLevel.MEMORY_AND_DISK)
         with _step("merge images"), lake.spark_conf(spark, batch):
             bronze = lake.ensure_delta_table(spark, bronze_uri, schema.BRONZE_IMAGES,
                                              schema.BRONZE_IMAGES_PARTITIONS)
@@ -141,7 +146,7 @@ def run(spark: SparkSession, cfg: Config, dataset: str, source: str,
             quarantine_added = _merge_quarantine(spark, quarantine_uri, bad, dataset) if reasons else 0
 
         with _step("count"):
-            valid = inspected.filter(F.col("reason").isNull()).count()
+            valid = checked.filter(F.col("reason").isNull()).count()
             labels_without_file = 0
             if label_rows is not None:
                 labels_without_file = label_rows.join(files, "relative_path", "left_anti").count()
@@ -170,7 +175,7 @@ def run(spark: SparkSession, cfg: Config, dataset: str, source: str,
             "quarantine_table": quarantine_uri,
         }
     finally:
-        for frame in (files, inspected, bad, chosen):
+        for frame in (files, inspected, checked, bad, chosen):
             if frame is not None:
                 frame.unpersist()
 
@@ -313,13 +318,14 @@ def _inspect_batches(batches: Iterator[pd.DataFrame], max_pixels: int, min_side:
     import cv2
     cv2.setNumThreads(1)  # one task, one core
     pseudonyms = dicom_deid.Pseudonyms(key, pattern) if key else None
+    deidentifier = dicom_deid.Deidentifier(pseudonyms) if key else None
     for batch in batches:
         rows = []
         for path, data in zip(batch["path"], batch["content"]):
             data = bytes(data)
             if dicom_read.is_dicom(data):
                 rows.append({"path": path, **_inspect_dicom(data, max_pixels, min_side, pseudonyms,
-                                                             accept_burned_in)})
+                                                             deidentifier, accept_burned_in)})
                 continue
             if "." not in path.rsplit("/", 1)[-1]:  # no extension and not DICOM: not a candidate
                 rows.append({"path": path, "reason": "not_dicom", "detail": "no extension and no DICM preamble"})
@@ -339,8 +345,9 @@ def _inspect_batches(batches: Iterator[pd.DataFrame], max_pixels: int, min_side:
         yield out
 
 
-def _inspect_dicom(data: bytes, max_pixels: int, min_side: int, pseudonyms, accept_burned_in: bool) -> dict:
-    """One DICOM file's verdict; with no key, only that it is DICOM (ingest then fails)."""
+def _inspect_dicom(data: bytes, max_pixels: int, min_side: int, pseudonyms, deidentifier,
+                   accept_burned_in: bool) -> dict:
+    """One DICOM file's verdict and de-identified file; with no key, only that it is DICOM (ingest then fails)."""
     if pseudonyms is None:
         return {"format": "dicom", "reason": "no_key", "detail": "no ingest.dicom.key_file"}
     image_id = pseudonyms.image_id(data)
@@ -349,10 +356,16 @@ def _inspect_dicom(data: bytes, max_pixels: int, min_side: int, pseudonyms, acce
     except dicom_read.DicomError as err:
         return {"image_id": image_id, "format": "dicom", "reason": err.reason, "detail": err.detail}
     study, series = (str(ds.get(k, "") or "") for k in ("StudyInstanceUID", "SeriesInstanceUID"))
+    patient = pseudonyms.patient(str(ds.get("PatientID", "") or ""))
+    try:
+        deidentified = deidentifier.to_bytes(deidentifier.deidentify(ds)[0])
+    except Exception as err:  # never echo what failed: it may quote a value
+        return {"image_id": image_id, "format": "dicom", "reason": "corrupt",
+                "detail": f"the header could not be de-identified ({type(err).__name__})"}
     return {
         "image_id": image_id, "format": "dicom", "width": facts.width, "height": facts.height,
         "channels": facts.samples, "bit_depth": facts.bits_stored,
-        "patient": pseudonyms.patient(str(ds.get("PatientID", "") or "")), "modality": facts.modality,
+        "patient": patient, "modality": facts.modality, "deidentified": deidentified,
         "dicom_body_part": facts.body_part, "dicom_laterality": facts.laterality,
         "dicom_view_position": facts.view_position, "dicom_manufacturer": facts.manufacturer,
         "dicom_photometric": facts.photometric, "dicom_bits_stored": facts.bits_stored,
@@ -362,24 +375,6 @@ def _inspect_dicom(data: bytes, max_pixels: int, min_side: int, pseudonyms, acce
         "dicom_study": pseudonyms.uid(study) if study else None,
         "dicom_series": pseudonyms.uid(series) if series else None,
     }
-
-
-def _deidentify_batches(batches: Iterator[pd.DataFrame], key: bytes, pattern: str) -> Iterator[pd.DataFrame]:
-    """Executor side: the de-identified file for each validated DICOM (skipping any that changed)."""
-    pseudonyms = dicom_deid.Pseudonyms(key, pattern)
-    deidentifier = dicom_deid.Deidentifier(pseudonyms)
-    for batch in batches:
-        rows = []
-        for path, image_id, data in zip(batch["path"], batch["image_id"], batch["content"]):
-            data = bytes(data)
-            if pseudonyms.image_id(data) != image_id:
-                continue  # changed since it was validated: the next run takes it
-            try:
-                ds, _ = deidentifier.deidentify(dicom_read.parse(data))
-                rows.append({"path": path, "image_id": image_id, "content": deidentifier.to_bytes(ds)})
-            except Exception:  # validated moments ago; never echo what failed
-                log.warning("a validated DICOM file could not be de-identified; left for the next run")
-        yield pd.DataFrame(rows, columns=["path", "image_id", "content"])
 
 
 def _chosen_images(inspected: DataFrame, files: DataFrame) -> DataFrame:

@@ -75,6 +75,7 @@ INSPECTION = StructType([
     StructField("patient", StringType(), True),
     StructField("modality", StringType(), True),
     *[StructField(f"dicom_{f.name}", f.dataType, True) for f in DICOM_FACTS.fields],
+    StructField("deidentified", BinaryType(), True),  # a good DICOM's de-identified file
 ])
 
 #: gold.predictions: one row per image per model version.

@@ -11,7 +11,10 @@ Python process reading each file and making its tensor with
 :func:`oncolake.imaging.prepare` (pydicom decode, windowing, mirror, crop,
 resize): the work a model needs, with nothing else. Peak memory is sampled
 (RSS of this JVM's process tree: driver/executor and Python workers) every
-0.1 s during the jobs.
+0.1 s during the jobs. For the floor, two bare passes over the same files:
+the JVM reading them (``binaryFile``, sum of lengths) and the same bytes
+handed to Python workers that do nothing (``mapInPandas``), as the jobs'
+validation, de-identification and preprocessing passes must.
 
     scripts/bench.sh dicom [--files 200] [--size 128]
 """
@@ -112,6 +115,21 @@ def main(argv=None) -> int:
         done = sum(imaging.prepare(path.read_bytes(), args.size, **cfg.preprocess.pixels()).shape[0] > 0
                    for path in files)
         loop_s = time.perf_counter() - start
+        import pandas as pd
+
+        def lengths(batches):
+            for frame in batches:
+                yield pd.DataFrame({"n": [len(x) for x in frame["content"]]})
+        scan = (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
+                .option("pathGlobFilter", "*.dcm").load(str(work / "in")))
+        start = time.perf_counter()
+        scan.selectExpr("sum(length(content))").first()
+        jvm_s = time.perf_counter() - start
+        from oncolake import lake
+        with lake.spark_conf(spark, {"spark.sql.execution.arrow.maxRecordsPerBatch": "5"}):
+            start = time.perf_counter()
+            scan.select("content").mapInPandas(lengths, "n long").agg({"n": "sum"}).first()
+            python_s = time.perf_counter() - start
         job, loop = ingested["ingested"] / job_s, done / loop_s
         cli.emit({"bench": "dicom", "files": len(files), "ingested": ingested["ingested"],
                   "tensors": prepared["train"] + prepared["val"] + prepared["test"],
@@ -120,7 +138,8 @@ def main(argv=None) -> int:
                   "pydicom_loop_1proc_images_per_s": round(loop, 2),
                   "ratio": round(job / loop, 3), "target_ratio": 0.5,
                   "ingest_s": round(ingest_s, 1), "preprocess_s": round(preprocess_s, 1),
-                  "loop_s": round(loop_s, 1),
+                  "loop_s": round(loop_s, 1), "floor_jvm_read_s": round(jvm_s, 1),
+                  "floor_to_python_and_back_s": round(python_s, 1),
                   "peak_rss_mb_jvm_and_python_workers": round(memory.peak / 2 ** 20),
                   "driver_memory": spark.conf.get("spark.driver.memory", "default"),
                   "master": spark.sparkContext.master})
