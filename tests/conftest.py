@@ -19,7 +19,9 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 # TensorFlow's absl logging binds sys.stderr when it is first imported. Imported
 # inside a test, that is the test's capture stream, closed when the test ends,
 # and a later TensorFlow log line then kills the interpreter ("lost
-# sys.stderr"). Imported here, it binds the session's stream.
+# sys.stderr"). Imported here, it binds the session's stream. MLflow does the
+# same with its logging handler (evaluate logs a run).
+import mlflow  # noqa: E402,F401
 import tensorflow  # noqa: E402,F401
 
 

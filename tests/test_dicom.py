@@ -403,3 +403,26 @@ def test_full_size_mammograms_ingest_preprocess_and_score_with_a_1_gb_executor(s
     summary = last_json(score.stdout)
     assert (summary["scored"], summary["errors"], summary["modality_mismatch"]) == (8, 0, 0)
     assert "OutOfMemory" not in score.stdout + score.stderr + ingest.stdout + prep.stdout
+
+
+def test_files_without_an_extension_are_taken_if_dicom_or_named_in_the_csv(spark, tmp_path, capsys):
+    from jobs import ingest as ingest_job
+    folder = tmp_path / "in"
+    folder.mkdir()
+    ok, jpeg = cv2.imencode(".jpg", np.full((20, 30, 3), 128, np.uint8))
+    (folder / "IMG001").write_bytes(jpeg.tobytes())   # named in the CSV: validated and taken
+    (folder / "IMG002").write_bytes(jpeg.tobytes()[:-1] + b"\xd8")  # a JPEG, not named: skipped
+    (folder / "NOTES").write_text("scanner maintenance log\n")  # neither: skipped
+    dicomfiles.write(dicomfiles.phi_dataset(dicomfiles.gradient()), folder / "IM000001")  # DICOM: taken
+    (folder / "labels.csv").write_text("path,label\nIMG001,benign\n")
+    key = tmp_path / "k"
+    key.write_bytes(KEY)
+    code = ingest_job.main(["--lake", str(tmp_path / "lake"), "--dataset", "odd", "--input", str(folder),
+                            "--labels", str(folder / "labels.csv"), "--set", f"ingest.dicom.key_file={key}"])
+    out = capsys.readouterr()
+    assert code == 0, out.err[-2000:]
+    summary = last_json(out.out)
+    assert (summary["valid"], summary["dicom"], summary["quarantined"], summary["skipped"]) == (2, 1, 0, 3)
+    rows = spark.read.format("delta").load(str(tmp_path / "lake" / "bronze" / "images")).collect()
+    assert sorted((r["relative_path"], r["format"], r["label"]) for r in rows) == [
+        ("IM000001", "dicom", None), ("IMG001", "jpeg", "benign")]

@@ -23,3 +23,17 @@ class DataQualityError(OncolakeError):
     """A data-quality gate refused the data. Exit code 3."""
 
     exit_code = 3
+
+
+class ImageError(ValueError):
+    """An image (or DICOM file) failed validation; ``reason`` is one of ``oncolake.imaging.REASONS``.
+
+    Not an :class:`OncolakeError`: a bad image is data to quarantine, not a
+    job failure. ``detail`` is safe to store and log (a DICOM detail never
+    quotes a tag value).
+    """
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail

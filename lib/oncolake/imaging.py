@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 
 from oncolake.dicom import read as dicom_read
+from oncolake.errors import ImageError
 
 #: Quarantine reasons, a fixed list (docs/operations.md explains each).
 REASONS = ("empty", "unreadable", "corrupt", "truncated", "unsupported_format", "too_large", "too_small",
@@ -41,15 +42,6 @@ _UNSUPPORTED_MAGIC = (
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}
-
-
-class ImageError(ValueError):
-    """An image failed validation; ``reason`` is one of :data:`REASONS`."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,11 +219,8 @@ def dicom_modality(data: bytes) -> str | None:
 
 def _dicom_rgb(data: bytes, size: int, flip_right: bool, crop: bool) -> np.ndarray:
     from oncolake.dicom import pixels
-    try:
-        ds = dicom_read.parse(data)
-        image = pixels.display(ds, max_side=max(DICOM_WORKING_SCALE * size, 512))
-    except dicom_read.DicomError as err:
-        raise ImageError(err.reason, err.detail) from err
+    ds = dicom_read.parse(data)
+    image = pixels.display(ds, max_side=max(DICOM_WORKING_SCALE * size, 512))
     if dicom_read.modality(ds) == "MG" and image.ndim == 2:
         laterality = (dicom_read.laterality(ds) or "").upper()
         if flip_right and laterality == "R":

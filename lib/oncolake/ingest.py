@@ -87,8 +87,11 @@ def run(spark: SparkSession, cfg: Config, dataset: str, source: str,
                 files = _classify(listing, label_rows, icfg.extensions, icfg.max_file_bytes)
                 files.persist(StorageLevel.MEMORY_AND_DISK)
                 stats, odd = _file_counts(files)
-            odd_paths = ([r["path"] for r in files.filter("status = 'read' AND NOT has_image_ext").collect()]
-                         if odd else [])
+            odd_rows = (files.filter("status = 'read' AND NOT has_image_ext").select("path", "in_csv").collect()
+                        if odd else [])
+            odd_paths = [r["path"] for r in odd_rows]
+            # files the labels CSV names are validated whatever their name
+            named = frozenset(r["path"] for r in odd_rows if r["in_csv"])
         # A Python worker gets Arrow batches of this many files: a few large
         # DICOMs per batch, a few hundred small JPEGs.
         batch = {"spark.sql.execution.arrow.maxRecordsPerBatch": str(_batch_rows(files, icfg.batch_mb))}
@@ -99,7 +102,7 @@ def run(spark: SparkSession, cfg: Config, dataset: str, source: str,
             # same pass, so the original crosses to Python once).
             inspected = content.mapInPandas(
                 partial(_inspect_batches, max_pixels=icfg.max_pixels, min_side=icfg.min_side, key=key,
-                        pattern=dcfg.patient_id_pattern, accept_burned_in=dcfg.accept_burned_in),
+                        pattern=dcfg.patient_id_pattern, accept_burned_in=dcfg.accept_burned_in, named=named),
                 schema.INSPECTION).persist(StorageLevel.DISK_ONLY)  # de-identified files: never on the heap
             # Everything but the DICOM rows reads the small verdicts only.
             checked = inspected.drop("deidentified").persist(StorageLevel.MEMORY_AND_DISK)
@@ -146,7 +149,9 @@ def run(spark: SparkSession, cfg: Config, dataset: str, source: str,
             quarantine_added = _merge_quarantine(spark, quarantine_uri, bad, dataset) if reasons else 0
 
         with _step("count"):
-            valid = checked.filter(F.col("reason").isNull()).count()
+            by_modality = {r["modality"]: r["count"] for r in checked.filter(F.col("reason").isNull())
+                           .groupBy(F.coalesce("modality", F.lit(modality)).alias("modality")).count().collect()}
+            valid = sum(by_modality.values())
             labels_without_file = 0
             if label_rows is not None:
                 labels_without_file = label_rows.join(files, "relative_path", "left_anti").count()
@@ -159,7 +164,7 @@ def run(spark: SparkSession, cfg: Config, dataset: str, source: str,
             "candidates": sum(v for k, v in stats.items() if k != "skipped") - sum(skipped_by_content.values()),
             "valid": valid,
             "dicom": sum(n for (fmt, reason), n in kinds.items() if fmt == "dicom" and reason is None),
-            "modality": modality,
+            "modalities": dict(sorted(by_modality.items())),
             "ingested": merged["inserted"],
             "labels_updated": merged["updated"],
             "already_present": merged["already_present"],
@@ -312,8 +317,8 @@ def _batch_rows(files: DataFrame, batch_mb: int) -> int:
 
 
 def _inspect_batches(batches: Iterator[pd.DataFrame], max_pixels: int, min_side: int,
-                     key: bytes | None = None, pattern: str = "",
-                     accept_burned_in: bool = False) -> Iterator[pd.DataFrame]:
+                     key: bytes | None = None, pattern: str = "", accept_burned_in: bool = False,
+                     named: frozenset[str] = frozenset()) -> Iterator[pd.DataFrame]:
     """Executor side: hash and fully validate each file; only the verdicts come back."""
     import cv2
     cv2.setNumThreads(1)  # one task, one core
@@ -327,7 +332,7 @@ def _inspect_batches(batches: Iterator[pd.DataFrame], max_pixels: int, min_side:
                 rows.append({"path": path, **_inspect_dicom(data, max_pixels, min_side, pseudonyms,
                                                              deidentifier, accept_burned_in)})
                 continue
-            if "." not in path.rsplit("/", 1)[-1]:  # no extension and not DICOM: not a candidate
+            if "." not in path.rsplit("/", 1)[-1] and path not in named:  # no extension, not DICOM, not named
                 rows.append({"path": path, "reason": "not_dicom", "detail": "no extension and no DICM preamble"})
                 continue
             result = imaging.inspect(data, max_pixels=max_pixels, min_side=min_side)

@@ -24,6 +24,8 @@ from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from oncolake.errors import ImageError
+
 # pydicom's validation warnings quote the offending value, which may be a
 # name: values are never validated (nor echoed) when read or written here.
 pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
@@ -45,13 +47,8 @@ _NOT_IMAGE_CLASSES = ("1.2.840.10008.5.1.4.1.1.88.", "1.2.840.10008.5.1.4.1.1.11
 _PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # Pixel Data, Float, Double Float
 
 
-class DicomError(ValueError):
-    """A DICOM file failed validation. ``detail`` never contains a tag value."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
+#: A DICOM file failed validation (the pipeline's ImageError; ``detail`` never quotes a tag value).
+DicomError = ImageError
 
 
 @dataclasses.dataclass(frozen=True)
