@@ -24,6 +24,8 @@ lake="$root/var/demo-lake"
 mkdir -p "$root/var"
 log="$root/var/demo.log"
 : > "$log"
+set -E
+trap 'echo "demo.sh: a step failed; its Spark log is $log" >&2' ERR
 step() {
   echo "== $1" >&2
   shift

@@ -5,6 +5,6 @@
 #   scripts/nightly.sh [--env ENV] [--lake LAKE] [--set nightly.dataset=NAME --set nightly.incoming=DIR]
 #
 # crontab (02:30 every night, output kept):
-#   30 2 * * *  cd /opt/oncolake && scripts/nightly.sh --env prod >> var/nightly.out 2>&1
+#   30 2 * * *  cd /opt/oncolake && scripts/nightly.sh --env cluster >> var/nightly.out 2>&1
 set -euo pipefail
 exec "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/submit.sh" nightly "$@"

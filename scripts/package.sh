@@ -5,8 +5,11 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 mkdir -p "$root/build"
 out="$root/build/oncolake.zip"
-rm -f "$out.tmp"
-(cd "$root/lib" && "$root/.venv/bin/python" - "$out.tmp" <<'PY'
+# A temporary name of this process's own: two submits at once each build a
+# whole zip, and the rename puts one complete file in place.
+tmp="$out.tmp.$$"
+trap 'rm -f "$tmp"' EXIT
+(cd "$root/lib" && "$root/.venv/bin/python" - "$tmp" <<'PY'
 import pathlib, sys, zipfile
 with zipfile.ZipFile(sys.argv[1], "w", zipfile.ZIP_DEFLATED) as zf:
     for path in sorted(pathlib.Path("oncolake").rglob("*")):
@@ -14,5 +17,5 @@ with zipfile.ZipFile(sys.argv[1], "w", zipfile.ZIP_DEFLATED) as zf:
             zf.write(path)
 PY
 )
-mv "$out.tmp" "$out"
+mv "$tmp" "$out"
 echo "$out"

@@ -36,6 +36,10 @@ command -v mvn >/dev/null || { log "need mvn (Maven) on PATH"; exit 1; }
 
 # --- 1. wheel cache ---------------------------------------------------------
 if [ ! -f "$wheels/.complete" ]; then
+  step="check build tools"
+  for tool in g++ cmake make; do
+    command -v "$tool" >/dev/null || { log "need $tool on PATH: Horovod is compiled from source"; exit 1; }
+  done
   step="build wheel cache $wheels"
   log "building the wheel cache (first run for these pins: several minutes)"
   mkdir -p "$wheels"

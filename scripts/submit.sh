@@ -13,7 +13,9 @@ if [ ! -x "$root/.venv/bin/spark-submit" ]; then
   exit 2
 fi
 mkdir -p "$root/var"
-export ONCOLAKE_ZIP="$("$root/scripts/package.sh")"
+# Not `export X="$(...)"`: export's own status would hide a failed build.
+zip="$("$root/scripts/package.sh")" || { echo "submit.sh: building the package zip failed" >&2; exit 1; }
+export ONCOLAKE_ZIP="$zip"
 export SPARK_LOCAL_IP="${SPARK_LOCAL_IP:-127.0.0.1}"
 # The launcher itself runs from lib/; the job runs from the zip it ships.
 export PYTHONPATH="$root/lib"

@@ -225,3 +225,36 @@ def test_a_dicom_night_scored_by_a_model_of_another_modality_is_refused_row_by_r
     line = result.stdout.strip().splitlines()[0]
     assert line.startswith(f"{folder / 'm0.dcm'}\terror\tmodality_mismatch: a MG image")
     assert json.loads(result.stdout.strip().splitlines()[-1])["modality_mismatch"] == 1
+
+
+def test_a_tampered_model_file_is_refused_before_it_is_loaded(spark, tmp_path, capsys, scored_lake):
+    import hashlib
+    import subprocess
+    from pathlib import Path
+
+    from tests.conftest import ROOT
+    lake_dir, lake_uri, model_dir = scored_lake
+    folder = Path(model_dir.removeprefix("file:"))
+    original = (folder / "model.keras").read_bytes()
+    assert json.loads((folder / "checksums.json").read_text()) == {
+        "model.keras": hashlib.sha256(original).hexdigest()}
+    tampered = bytearray(original)
+    tampered[len(tampered) // 2] ^= 0xFF
+    (folder / "model.keras").write_bytes(bytes(tampered))
+
+    # On local disk, Hadoop's own .crc beside the file notices first
+    code = score_job.main(["--lake", lake_dir, "--dataset", "syn"])
+    err = capsys.readouterr().err
+    assert code == 1 and "fails Hadoop's checksum" in err.strip().splitlines()[-1]
+    # ... and with that gone too (a store without it, or a careful attacker), the registry's SHA-256
+    (folder / ".model.keras.crc").unlink()
+    code = score_job.main(["--lake", lake_dir, "--dataset", "syn"])
+    err = capsys.readouterr().err
+    assert code == 1 and "model.keras is not the file registered" in err.strip().splitlines()[-1]
+    image = next((tmp_path / "2026-05-01").glob("*.png"))
+    result = subprocess.run([str(ROOT / "scripts" / "predict.sh"), "--lake", lake_dir, "--dataset", "syn",
+                             str(image)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "is not the file registered" in result.stderr.strip().splitlines()[-1]
+    assert not spark.read.format("delta").load(lake_uri + "/bronze/images").isEmpty()  # nothing else touched
+    (folder / "model.keras").write_bytes(original)  # restored (still without its .crc): scores again
+    assert run(score_job, capsys, "--lake", lake_dir, "--dataset", "syn")["scored"] == 40

@@ -155,6 +155,8 @@ def test_horovod_two_ranks_train_one_epoch_with_identical_weights(spark, tmp_pat
     model_dir = Path(summary["model_uri"].removeprefix("file:"))
     record = json.loads((model_dir / "model.json").read_text())
     assert len(record["weights_digests"]) == 1 and record["tensors_version"] == 1
+    # what the guard in scoring checks: the tensors' modalities (synthetic PNGs: the default)
+    assert record["modalities"] == ["unspecified"] and record["pixels"]["mammo_crop"] is True
     model = tf.keras.models.load_model(model_dir / "model.keras", safe_mode=True, compile=False)
     assert training.weights_digest(model) == record["weights_digests"][0]
     assert (model_dir / "tensorboard").is_dir()

@@ -23,6 +23,6 @@ with DAG(
 ) as dag:
     BashOperator(
         task_id="nightly",
-        bash_command=(f"cd {HOME} && scripts/nightly.sh --env prod "
+        bash_command=(f"cd {HOME} && scripts/nightly.sh --env cluster "
                       "--set nightly.dataset=isic --set nightly.incoming=hdfs://namenode:9000/incoming/isic"),
     )

@@ -260,7 +260,7 @@ def external_scores(spark, cfg, lake_uri: str, model_dir: str, record: dict[str,
     own = bronze.filter(F.col("dataset") == dataset).select("image_id")
     external = labelled.join(own, "image_id", "left_anti")
     left_out = labelled.count() - external.count()
-    shipped = spark.sparkContext.broadcast(lake.read_bytes(spark, f"{model_dir}/model.keras"))
+    shipped = spark.sparkContext.broadcast(registry.read_model_bytes(spark, model_dir))
     size, policy, batch = record["size"], record["resize"], cfg.score.batch_size
     threads = max(1, int(spark.conf.get("spark.task.cpus", "1")))
     known, pixels = registry.modalities(record, cfg.ingest.modality(dataset)), registry.pixel_options(record)

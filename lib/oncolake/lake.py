@@ -19,6 +19,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.types import StructType
 
 from oncolake.config import HdfsConfig
+from oncolake.errors import InputError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -87,10 +88,15 @@ def write_bytes(spark: SparkSession, uri: str, data: bytes) -> None:
 
 def read_bytes(spark: SparkSession, uri: str) -> bytes:
     """A small file's bytes (a model file)."""
+    from py4j.protocol import Py4JJavaError
     path, fs = _hadoop_path(spark, uri)
     stream = fs.open(path)
     try:
         return bytes(spark.sparkContext._jvm.org.apache.commons.io.IOUtils.toByteArray(stream))
+    except Py4JJavaError as err:
+        if "ChecksumException" in str(err.java_exception.getClass().getName()):
+            raise InputError(f"{uri} fails Hadoop's checksum: it was changed outside the lake") from err
+        raise
     finally:
         stream.close()
 

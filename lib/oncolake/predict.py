@@ -79,7 +79,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         model_dir = f"{root}/v{version}"
         record = json.loads(read_lake_file(cfg, f"{model_dir}/model.json"))
         threshold = json.loads(read_lake_file(cfg, f"{model_dir}/metrics.json"))["threshold"]
-        model = registry.load_model_bytes(read_lake_file(cfg, f"{model_dir}/model.keras"))
+        checksums = f"{model_dir}/{registry.CHECKSUMS}"
+        fs, path = _fs(cfg, checksums)
+        model = registry.load_model_bytes(registry.verified(
+            read_lake_file(cfg, f"{model_dir}/model.keras"),
+            read_lake_file(cfg, checksums) if fs.isfile(path) else None, model_dir))
     except Exception as err:  # every failure ends as one line and an exit code
         return cli.fail("predict", err)
     known = registry.modalities(record, cfg.ingest.modality(args.dataset))

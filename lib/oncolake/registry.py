@@ -6,6 +6,7 @@ the file is executed.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -60,9 +61,40 @@ def pixel_options(record: Mapping[str, Any]) -> dict[str, bool]:
     return dict(record.get("pixels") or {})
 
 
+#: The file beside each version that holds the SHA-256 of the model file as registered.
+CHECKSUMS = "checksums.json"
+
+
+def verified(data: bytes, checksums: bytes | None, model_dir: str) -> bytes:
+    """``data`` (a version's model.keras) if it is the file registered; else :class:`InputError`.
+
+    A version registered before checksums were kept (no ``checksums.json``)
+    is loaded with a warning: there is nothing to check it against.
+    """
+    if checksums is None:
+        log.warning("%s has no %s (registered before models were checksummed): not verified", model_dir,
+                    CHECKSUMS)
+        return data
+    try:
+        expected = json.loads(checksums)["model.keras"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise InputError(f"{model_dir}/{CHECKSUMS} is unreadable: refusing to load the model") from err
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise InputError(f"{model_dir}/model.keras is not the file registered (SHA-256 differs from "
+                         f"{CHECKSUMS}): refusing to load it")
+    return data
+
+
+def read_model_bytes(spark: SparkSession, model_dir: str) -> bytes:
+    """A version's model.keras, verified against the checksum taken at registration."""
+    checksums = f"{model_dir}/{CHECKSUMS}"
+    return verified(lake.read_bytes(spark, f"{model_dir}/model.keras"),
+                    lake.read_bytes(spark, checksums) if lake.exists(spark, checksums) else None, model_dir)
+
+
 def load_model(spark: SparkSession, model_dir: str):
-    """The Keras model of a version, loaded in safe mode."""
-    return load_model_bytes(lake.read_bytes(spark, f"{model_dir}/model.keras"))
+    """The Keras model of a version, verified, loaded in safe mode."""
+    return load_model_bytes(read_model_bytes(spark, model_dir))
 
 
 def load_model_bytes(data: bytes):
@@ -84,9 +116,16 @@ def model_bytes(model) -> bytes:
 
 def register(spark: SparkSession, lake_uri: str, dataset: str, files: Mapping[str, bytes],
              lake_dirs: Mapping[str, str] = ()) -> tuple[int, str]:
-    """Register the next version from file contents and folders already in the lake (TensorBoard logs)."""
+    """Register the next version from file contents and folders already in the lake (TensorBoard logs).
+
+    The model file's SHA-256 goes to ``checksums.json`` beside it; every load
+    checks it (:func:`read_model_bytes`).
+    """
     root = models_root(lake_uri, dataset)
     tmp = f"{root}/_tmp-{os.getpid()}-{time.time_ns()}"
+    if "model.keras" in files:
+        files = {**files, CHECKSUMS: json.dumps(
+            {"model.keras": hashlib.sha256(files["model.keras"]).hexdigest()}, indent=2).encode()}
     try:
         for name, data in files.items():
             lake.write_bytes(spark, f"{tmp}/{name}", data)

@@ -86,7 +86,7 @@ def run(spark: SparkSession, cfg: Config, dataset: str, model_version: int | Non
     slots = spark.sparkContext.defaultParallelism
     tasks = math.ceil(max(slots, math.ceil(pending / cfg.score.rows_per_task)) / slots) * slots
     todo = todo.repartition(tasks)
-    model_bytes = lake.read_bytes(spark, f"{model_dir}/model.keras")
+    model_bytes = registry.read_model_bytes(spark, model_dir)
     shipped = spark.sparkContext.broadcast(model_bytes)
     size, policy, batch = record["size"], record["resize"], cfg.score.batch_size
     threads = max(1, int(spark.conf.get("spark.task.cpus", "1")))
