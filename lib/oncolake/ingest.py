@@ -319,7 +319,11 @@ def _batch_rows(files: DataFrame, batch_mb: int) -> int:
 def _inspect_batches(batches: Iterator[pd.DataFrame], max_pixels: int, min_side: int,
                      key: bytes | None = None, pattern: str = "", accept_burned_in: bool = False,
                      named: frozenset[str] = frozenset()) -> Iterator[pd.DataFrame]:
-    """Executor side: hash and fully validate each file; only the verdicts come back."""
+    """Executor side: hash and fully validate each file.
+
+    What comes back is the verdict, and for a good DICOM file its
+    de-identified bytes (nothing else leaves the worker with image bytes).
+    """
     import cv2
     cv2.setNumThreads(1)  # one task, one core
     pseudonyms = dicom_deid.Pseudonyms(key, pattern) if key else None
