@@ -105,8 +105,11 @@ def run(spark: SparkSession, cfg: Config, dataset: str, model_version: int | Non
     before = lake.current_version(target)
     on = (f"t.dataset = '{dataset}' AND t.model_version = {version} AND t.dataset = s.dataset "
           "AND t.model_version = s.model_version AND t.image_id = s.image_id AND t.ingest_date = s.ingest_date")
-    # Image rows are large: a bounded Arrow batch keeps each Python worker's memory small.
-    with lake.spark_conf(spark, {"spark.sql.execution.arrow.maxRecordsPerBatch": str(cfg.score.arrow_batch_rows)}):
+    # Image rows are large: a bounded Arrow batch keeps each Python worker's
+    # memory small; a night of mammograms (10 MB each) gets a few per batch.
+    largest = images.filter(in_dates).agg(F.max("size_bytes")).first()[0] or 1
+    rows_per_batch = max(1, min(cfg.score.arrow_batch_rows, (cfg.ingest.batch_mb << 20) // largest))
+    with lake.spark_conf(spark, {"spark.sql.execution.arrow.maxRecordsPerBatch": str(rows_per_batch)}):
         lake.with_retry(lambda: target.alias("t").merge(rows.alias("s"), on).whenNotMatchedInsertAll().execute(),
                         f"insert into {predictions_uri}")
     seconds = time.perf_counter() - start
