@@ -183,7 +183,6 @@ def first_frame(ds: Dataset) -> np.ndarray:
 
 
 def _decodable(syntax) -> bool:
-    from pydicom.pixel_data_handlers import util  # noqa: F401 - handlers register on import
     handlers = pydicom_config.pixel_data_handlers
     return any(h.is_available() and h.supports_transfer_syntax(syntax) for h in handlers)
 
