@@ -107,6 +107,14 @@ if [ ! -f "$jars/.complete" ]; then
         -DincludeScope=runtime -DoutputDirectory="$jars/$group" \
         -Dmaven.repo.local="$cache/m2"
     rm -rf "$work"
+    if [ "$group" = spark ]; then
+      # What pyspark ships (Scala, Hadoop client, compression codecs) is not shipped twice.
+      shipped="$(ls "$(.venv/bin/python -c 'import os, pyspark; print(os.path.dirname(pyspark.__file__))')/jars" | sed -E 's/-[0-9]+\.[0-9][^/]*\.jar$//')"
+      for jar in "$jars/$group"/*.jar; do
+        stem="$(basename "$jar" | sed -E 's/-[0-9]+\.[0-9][^/]*\.jar$//')"
+        grep -qxF "$stem" <<<"$shipped" && rm "$jar"
+      done
+    fi
   done
   touch "$jars/.complete"
 fi

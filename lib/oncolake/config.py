@@ -26,6 +26,7 @@ ENVIRONMENT = {
     "ONCOLAKE_WEBHDFS_URL": "hdfs.webhdfs_url",
     "ONCOLAKE_MLFLOW_TRACKING_URI": "mlflow.tracking_uri",
     "ONCOLAKE_DICOM_KEY_FILE": "ingest.dicom.key_file",
+    "ONCOLAKE_KAFKA_BOOTSTRAP": "stream.bootstrap_servers",
 }
 #: Keys whose values are never logged.
 SECRET_MARKERS = ("password", "token", "secret")
@@ -126,8 +127,23 @@ class ScoreConfig:
 class NightlyConfig:
     dataset: str = ""
     incoming: str = ""
+    topic: str = ""
     labels: str = ""
     nights_shown: int = 30
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamConfig:
+    bootstrap_servers: str = "127.0.0.1:9092"
+    datasets: tuple[str, ...] = ()
+    max_offsets_per_trigger: int = 2000
+    max_record_bytes: int = 1_000_000
+    starting_offsets: str = "earliest"
+    kafka: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def accepts(self, dataset: str, known: Mapping[str, str]) -> bool:
+        """Whether a record may name ``dataset``: listed in ``datasets``, or (none listed) in ``known``."""
+        return dataset in (self.datasets or tuple(known))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +163,7 @@ class Config:
     evaluate: EvaluateConfig = EvaluateConfig()
     score: ScoreConfig = ScoreConfig()
     mlflow: MlflowConfig = MlflowConfig()
+    stream: StreamConfig = StreamConfig()
     nightly: NightlyConfig = NightlyConfig()
 
 

@@ -15,6 +15,8 @@ without an extension that are not DICOM are skipped and counted.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime as dt
 import functools
 import hashlib
@@ -75,7 +77,6 @@ def run(spark: SparkSession, cfg: Config, dataset: str, source: str,
         listing = _with_relative_path(reader.select("path", "length"), root)
         files = _classify(listing, label_rows, icfg.extensions, icfg.max_file_bytes)
         files.persist(StorageLevel.MEMORY_AND_DISK)
-    inspected = checked = bad = chosen = None
     try:
         with _step("classify"):
             stats, odd = _file_counts(files)
@@ -94,63 +95,17 @@ def run(spark: SparkSession, cfg: Config, dataset: str, source: str,
             named = frozenset(r["path"] for r in odd_rows if r["in_csv"])
         # A Python worker gets Arrow batches of this many files: a few large
         # DICOMs per batch, a few hundred small JPEGs.
-        batch = {"spark.sql.execution.arrow.maxRecordsPerBatch": str(_batch_rows(files, icfg.batch_mb))}
-        with _step("read and validate"), lake.spark_conf(spark, batch):
+        batch_rows = _batch_rows(files, icfg.batch_mb)
+        with lake.spark_conf(spark, {"spark.sql.execution.arrow.maxRecordsPerBatch": str(batch_rows)}):
             content = _read_content(spark, root, icfg.extensions, icfg.max_file_bytes, odd_paths)
-            # Decoding is the expensive step: once. What comes back is the
-            # verdict, and for a good DICOM its de-identified file (made in the
-            # same pass, so the original crosses to Python once).
-            inspected = content.mapInPandas(
-                partial(_inspect_batches, max_pixels=icfg.max_pixels, min_side=icfg.min_side, key=key,
-                        pattern=dcfg.patient_id_pattern, accept_burned_in=dcfg.accept_burned_in, named=named),
-                schema.INSPECTION).persist(StorageLevel.DISK_ONLY)  # de-identified files: never on the heap
-            # Everything but the DICOM rows reads the small verdicts only.
-            checked = inspected.drop("deidentified").persist(StorageLevel.MEMORY_AND_DISK)
-            kinds = {(r["format"], r["reason"]): r["count"]
-                     for r in checked.groupBy("format", "reason").count().collect()}
-        if kinds.get(("dicom", "no_key")):
-            dicom_deid.load_key("")  # raises the one clear error, before any table is touched
-        skipped_by_content = {reason: n for (_, reason), n in kinds.items() if reason in dicom_read.SKIPPED}
-
-        # Broadcast file metadata to the image bytes unless the listing is huge.
-        chosen = _chosen_images(checked, files).persist(StorageLevel.MEMORY_AND_DISK)
-        hint = F.broadcast if sum(stats.values()) <= BROADCAST_FILES else (lambda frame: frame)
-        columns = _bronze_columns(dataset, now, day, modality)
-        valid_formats = {fmt for fmt, reason in kinds if reason is None}
-        parts = []
-        if valid_formats - {"dicom"} or not valid_formats:
-            # The bytes are read again by the JVM alone (no Python, no
-            # decoding) and must still hash to what was validated; a file
-            # changed in between waits for the next run.
-            parts.append(content.join(hint(chosen.filter(F.col("format") != "dicom")), "path")
-                         .filter(F.sha2("content", 256) == F.col("image_id")).select(*columns))
-        if "dicom" in valid_formats:
-            dicom_chosen = chosen.filter(F.col("format") == "dicom")
-            deidentified = (inspected.filter((F.col("format") == "dicom") & F.col("reason").isNull())
-                            .select("path", "image_id", F.col("deidentified").alias("content")))
-            parts.append(deidentified.join(hint(dicom_chosen), ["path", "image_id"]).select(*columns))
-        good = functools.reduce(DataFrame.unionByName, parts)
-        bad = _quarantine_rows(checked, files, dataset, now, day).persist(StorageLevel.MEMORY_AND_DISK)
-        with _step("merge images"), lake.spark_conf(spark, batch):
-            bronze = lake.ensure_delta_table(spark, bronze_uri, schema.BRONZE_IMAGES,
-                                             schema.BRONZE_IMAGES_PARTITIONS)
-            added = lake.add_missing_columns(spark, bronze_uri, schema.BRONZE_IMAGES)
-            if added:
-                log.info("bronze.images made by an earlier oncolake: added columns %s", ", ".join(added))
-            # Delta's MERGE would shuffle the rows by partition column before
-            # writing: a whole ingest date, image bytes and all, into one task
-            # and one file. Written as read, the night is spread over the tasks.
-            with lake.spark_conf(spark, {"spark.databricks.delta.merge.repartitionBeforeWrite.enabled": "false"}):
-                merged = _merge_images(bronze, chosen, good, dataset, bronze_uri)
-        with _step("merge quarantine"):
-            lake.ensure_delta_table(spark, quarantine_uri, schema.BRONZE_QUARANTINE,
-                                    schema.BRONZE_QUARANTINE_PARTITIONS)
-            reasons = {r["reason"]: r["count"] for r in bad.groupBy("reason").count().collect()}
-            quarantine_added = _merge_quarantine(spark, quarantine_uri, bad, dataset) if reasons else 0
-
+        landed = land(spark, cfg, files, content, dataset=dataset, now=now, day=day, modality=modality,
+                      key=key, batch_rows=batch_rows, named=named,
+                      broadcast=sum(stats.values()) <= BROADCAST_FILES)
+        kinds, merged, reasons = landed.kinds, landed.merged, landed.reasons
+        skipped_by_content = landed.skipped_by_content
+        quarantine_added = landed.quarantine_added
         with _step("count"):
-            by_modality = {r["modality"]: r["count"] for r in checked.filter(F.col("reason").isNull())
-                           .groupBy(F.coalesce("modality", F.lit(modality)).alias("modality")).count().collect()}
+            by_modality = landed.modalities
             valid = sum(by_modality.values())
             labels_without_file = 0
             if label_rows is not None:
@@ -180,9 +135,118 @@ def run(spark: SparkSession, cfg: Config, dataset: str, source: str,
             "quarantine_table": quarantine_uri,
         }
     finally:
-        for frame in (files, inspected, checked, bad, chosen):
+        files.unpersist()
+
+
+@dataclasses.dataclass(frozen=True)
+class Landed:
+    """What :func:`land` did with one batch of candidates."""
+    kinds: dict          # (format, reason or None) -> files
+    merged: dict         # inserted, updated, already_present, distinct
+    reasons: dict        # quarantine reason -> files
+    quarantine_added: int
+    modalities: dict     # modality -> valid files
+    skipped_by_content: dict
+
+    @property
+    def valid(self) -> int:
+        return sum(self.modalities.values())
+
+
+def land(spark: SparkSession, cfg: Config, files: DataFrame, content: DataFrame, *, dataset: str,
+         now: dt.datetime, day: dt.date, modality: str, key: bytes | None, batch_rows: int,
+         named: frozenset[str] = frozenset(), any_name: bool = False, broadcast: bool = True,
+         txn: tuple[str, int] | None = None) -> Landed:
+    """Validate candidates on the executors and merge them into bronze: the one path every source takes.
+
+    ``files`` has one row per candidate: path, relative_path, length, label,
+    group_id, attributes, and status (``read``, or the quarantine reason of a
+    candidate refused before reading, with ``status_detail``); ``content`` has
+    (path, content) for the ``read`` ones. ``any_name``: inspect every
+    candidate whatever its name (a stream's records have no file names).
+    ``txn`` (application id, version) makes each commit idempotent through
+    Delta's ``txnAppId``/``txnVersion``: a replayed streaming batch commits
+    nothing twice.
+    """
+    icfg, dcfg = cfg.ingest, cfg.ingest.dicom
+    lake_root = lake.qualify(spark, cfg.lake)
+    bronze_uri = lake.table_uri(lake_root, "bronze.images")
+    quarantine_uri = lake.table_uri(lake_root, "bronze.quarantine")
+    inspected = checked = bad = chosen = None
+    batch = {"spark.sql.execution.arrow.maxRecordsPerBatch": str(batch_rows)}
+    try:
+        with _step("read and validate"), lake.spark_conf(spark, batch):
+            # Decoding is the expensive step: once. What comes back is the
+            # verdict, and for a good DICOM its de-identified file (made in the
+            # same pass, so the original crosses to Python once).
+            inspected = content.mapInPandas(
+                partial(_inspect_batches, max_pixels=icfg.max_pixels, min_side=icfg.min_side, key=key,
+                        pattern=dcfg.patient_id_pattern, accept_burned_in=dcfg.accept_burned_in, named=named,
+                        any_name=any_name),
+                schema.INSPECTION).persist(StorageLevel.DISK_ONLY)  # de-identified files: never on the heap
+            # Everything but the DICOM rows reads the small verdicts only.
+            checked = inspected.drop("deidentified").persist(StorageLevel.MEMORY_AND_DISK)
+            kinds = {(r["format"], r["reason"]): r["count"]
+                     for r in checked.groupBy("format", "reason").count().collect()}
+        if kinds.get(("dicom", "no_key")):
+            dicom_deid.load_key("")  # raises the one clear error, before any table is touched
+        skipped_by_content = {reason: n for (_, reason), n in kinds.items() if reason in dicom_read.SKIPPED}
+
+        # Broadcast file metadata to the image bytes unless the listing is huge.
+        chosen = _chosen_images(checked, files).persist(StorageLevel.MEMORY_AND_DISK)
+        hint = F.broadcast if broadcast else (lambda frame: frame)
+        columns = _bronze_columns(dataset, now, day, modality)
+        valid_formats = {fmt for fmt, reason in kinds if reason is None}
+        parts = []
+        if valid_formats - {"dicom"} or not valid_formats:
+            # The bytes are read again by the JVM alone (no Python, no
+            # decoding) and must still hash to what was validated; a file
+            # changed in between waits for the next run.
+            parts.append(content.join(hint(chosen.filter(F.col("format") != "dicom")), "path")
+                         .filter(F.sha2("content", 256) == F.col("image_id")).select(*columns))
+        if "dicom" in valid_formats:
+            dicom_chosen = chosen.filter(F.col("format") == "dicom")
+            deidentified = (inspected.filter((F.col("format") == "dicom") & F.col("reason").isNull())
+                            .select("path", "image_id", F.col("deidentified").alias("content")))
+            parts.append(deidentified.join(hint(dicom_chosen), ["path", "image_id"]).select(*columns))
+        good = functools.reduce(DataFrame.unionByName, parts)
+        bad = _quarantine_rows(checked, files, dataset, now, day).persist(StorageLevel.MEMORY_AND_DISK)
+        with _step("merge images"), lake.spark_conf(spark, batch):
+            bronze = lake.ensure_delta_table(spark, bronze_uri, schema.BRONZE_IMAGES,
+                                             schema.BRONZE_IMAGES_PARTITIONS)
+            added = lake.add_missing_columns(spark, bronze_uri, schema.BRONZE_IMAGES)
+            if added:
+                log.info("bronze.images made by an earlier oncolake: added columns %s", ", ".join(added))
+            # Delta's MERGE would shuffle the rows by partition column before
+            # writing: a whole ingest date, image bytes and all, into one task
+            # and one file. Written as read, the night is spread over the tasks.
+            with lake.spark_conf(spark, {"spark.databricks.delta.merge.repartitionBeforeWrite.enabled": "false"}):
+                merged = _merge_images(spark, bronze, chosen, good, dataset, bronze_uri, txn)
+        with _step("merge quarantine"):
+            lake.ensure_delta_table(spark, quarantine_uri, schema.BRONZE_QUARANTINE,
+                                    schema.BRONZE_QUARANTINE_PARTITIONS)
+            reasons = {r["reason"]: r["count"] for r in bad.groupBy("reason").count().collect()}
+            quarantine_added = (_merge_quarantine(spark, quarantine_uri, bad, dataset, txn) if reasons else 0)
+        modalities = {r["modality"]: r["count"] for r in checked.filter(F.col("reason").isNull())
+                      .groupBy(F.coalesce("modality", F.lit(modality)).alias("modality")).count().collect()}
+        return Landed(kinds, merged, reasons, quarantine_added, dict(sorted(modalities.items())),
+                      skipped_by_content)
+    finally:
+        for frame in (inspected, checked, bad, chosen):
             if frame is not None:
                 frame.unpersist()
+
+
+@contextlib.contextmanager
+def _idempotent(spark: SparkSession, txn: tuple[str, int] | None, operation: str) -> Iterator[None]:
+    """Delta's idempotent-write confs for one commit of a replayable batch (nothing without ``txn``)."""
+    if txn is None:
+        yield
+        return
+    app, version = txn
+    with lake.spark_conf(spark, {"spark.databricks.delta.write.txnAppId": f"{app}:{operation}",
+                                 "spark.databricks.delta.write.txnVersion": str(version)}):
+        yield
 
 
 def _parse_date(value: str | None) -> dt.date:
@@ -279,10 +343,21 @@ def _classify(listing: DataFrame, labels: DataFrame | None, extensions: tuple[st
                  .withColumn("attributes", F.lit(None).cast("map<string,string>"))
                  .withColumn("in_csv", F.lit(False)))
     candidate = F.col("has_image_ext") | F.col("no_ext") | F.coalesce(F.col("in_csv"), F.lit(False))
-    return files.withColumn(
-        "status",
-        F.when(~candidate, "skipped").when(F.col("length") == 0, "empty")
-        .when(F.col("length") > max_bytes, "too_large").otherwise("read"))
+    return with_size_status(files.withColumn("status", F.when(~candidate, "skipped")), max_bytes)
+
+
+def with_size_status(files: DataFrame, max_bytes: int) -> DataFrame:
+    """Complete ``status`` (kept where already set) with ``empty``, ``too_large`` or ``read``, and ``status_detail``."""
+    status = (F.when(F.col("status").isNotNull(), F.col("status")).when(F.col("length") == 0, "empty")
+              .when(F.col("length") > max_bytes, "too_large").otherwise("read"))
+    detail = (F.when(F.col("status_detail").isNotNull() & F.col("status").isNotNull(), F.col("status_detail"))
+              .when(F.col("length") == 0, F.lit("the file has no bytes"))
+              .when(F.col("length") > max_bytes,
+                    F.concat(F.lit("file of "), F.col("length").cast("string"),
+                             F.lit(" bytes exceeds ingest.max_file_bytes"))))
+    if "status_detail" not in files.columns:
+        files = files.withColumn("status_detail", F.lit(None).cast("string"))
+    return files.withColumn("status_detail", detail).withColumn("status", status)
 
 
 def _read_content(spark: SparkSession, root: str, extensions: tuple[str, ...], max_bytes: int,
@@ -318,7 +393,7 @@ def _batch_rows(files: DataFrame, batch_mb: int) -> int:
 
 def _inspect_batches(batches: Iterator[pd.DataFrame], max_pixels: int, min_side: int,
                      key: bytes | None = None, pattern: str = "", accept_burned_in: bool = False,
-                     named: frozenset[str] = frozenset()) -> Iterator[pd.DataFrame]:
+                     named: frozenset[str] = frozenset(), any_name: bool = False) -> Iterator[pd.DataFrame]:
     """Executor side: hash and fully validate each file.
 
     What comes back is the verdict, and for a good DICOM file its
@@ -336,7 +411,7 @@ def _inspect_batches(batches: Iterator[pd.DataFrame], max_pixels: int, min_side:
                 rows.append({"path": path, **_inspect_dicom(data, max_pixels, min_side, pseudonyms,
                                                              deidentifier, accept_burned_in)})
                 continue
-            if "." not in path.rsplit("/", 1)[-1] and path not in named:  # no extension, not DICOM, not named
+            if not any_name and "." not in path.rsplit("/", 1)[-1] and path not in named:  # no extension, not DICOM, not named
                 rows.append({"path": path, "reason": "not_dicom", "detail": "no extension and no DICM preamble"})
                 continue
             result = imaging.inspect(data, max_pixels=max_pixels, min_side=min_side)
@@ -420,15 +495,12 @@ def _bronze_columns(dataset: str, now: dt.datetime, day: dt.date, modality: str)
 def _quarantine_rows(inspected: DataFrame, files: DataFrame, dataset: str, now: dt.datetime,
                      day: dt.date) -> DataFrame:
     """Bad files: failed validation, refused by size, or not readable at all."""
-    meta = files.select("path", "relative_path", "length", "status")
+    meta = files.select("path", "relative_path", "length", "status", "status_detail")
     failed = (inspected.filter(F.col("reason").isNotNull() & ~F.col("reason").isin(*dicom_read.SKIPPED))
               .join(meta, "path")).select(
         "path", "relative_path", "length", "reason", "detail", F.col("image_id").alias("content_sha256"))
-    refused = meta.filter(F.col("status").isin("empty", "too_large")).select(
-        "path", "relative_path", "length", F.col("status").alias("reason"),
-        F.when(F.col("status") == "empty", F.lit("the file has no bytes"))
-        .otherwise(F.concat(F.lit("file of "), F.col("length").cast("string"),
-                            F.lit(" bytes exceeds ingest.max_file_bytes"))).alias("detail"),
+    refused = meta.filter(~F.col("status").isin("read", "skipped")).select(
+        "path", "relative_path", "length", F.col("status").alias("reason"), F.col("status_detail").alias("detail"),
         F.lit(None).cast("string").alias("content_sha256"))
     unreadable = (meta.filter(F.col("status") == "read").join(inspected.select("path"), "path", "left_anti")
                   .select("path", "relative_path", "length", F.lit("unreadable").alias("reason"),
@@ -441,7 +513,8 @@ def _quarantine_rows(inspected: DataFrame, files: DataFrame, dataset: str, now: 
         F.lit(day).cast("date").alias("ingest_date"))
 
 
-def _merge_images(bronze, chosen: DataFrame, rows: DataFrame, dataset: str, uri: str) -> dict[str, int]:
+def _merge_images(spark: SparkSession, bronze, chosen: DataFrame, rows: DataFrame, dataset: str, uri: str,
+                  txn: tuple[str, int] | None = None) -> dict[str, int]:
     """Insert new images, then correct changed labels; commit nothing when nothing changed.
 
     What is new or changed is worked out from the (small) metadata; new rows
@@ -468,13 +541,15 @@ def _merge_images(bronze, chosen: DataFrame, rows: DataFrame, dataset: str, uri:
         inserted = updated = 0
         before = lake.current_version(bronze)
         if distinct - present:
-            lake.with_retry(lambda: bronze.alias("t").merge(rows.alias("s"), on)
-                            .whenNotMatchedInsertAll().execute(), f"insert into {uri}")
+            with _idempotent(spark, txn, f"images:insert:{dataset}"):
+                lake.with_retry(lambda: bronze.alias("t").merge(rows.alias("s"), on)
+                                .whenNotMatchedInsertAll().execute(), f"insert into {uri}")
         if changed:
             fixes = rows.join(F.broadcast(flagged.filter("changed").select("image_id")), "image_id")
-            lake.with_retry(lambda: bronze.alias("t").merge(fixes.alias("s"), on).whenMatchedUpdate(set={
-                "label": "s.label", "group_id": "s.group_id", "attributes": "s.attributes",
-                "updated_at": "s.updated_at"}).execute(), f"update labels in {uri}")
+            with _idempotent(spark, txn, f"images:update:{dataset}"):
+                lake.with_retry(lambda: bronze.alias("t").merge(fixes.alias("s"), on).whenMatchedUpdate(set={
+                    "label": "s.label", "group_id": "s.group_id", "attributes": "s.attributes",
+                    "updated_at": "s.updated_at"}).execute(), f"update labels in {uri}")
         if distinct - present or changed:
             inserted = lake.commit_metric(bronze, before, "numTargetRowsInserted")
             updated = lake.commit_metric(bronze, before, "numTargetRowsUpdated")
@@ -483,7 +558,8 @@ def _merge_images(bronze, chosen: DataFrame, rows: DataFrame, dataset: str, uri:
         flagged.unpersist()
 
 
-def _merge_quarantine(spark: SparkSession, uri: str, rows: DataFrame, dataset: str) -> int:
+def _merge_quarantine(spark: SparkSession, uri: str, rows: DataFrame, dataset: str,
+                      txn: tuple[str, int] | None = None) -> int:
     """Insert quarantine rows not already recorded (same dataset, path and content)."""
     from delta.tables import DeltaTable
     table = DeltaTable.forPath(spark, uri)
@@ -494,6 +570,7 @@ def _merge_quarantine(spark: SparkSession, uri: str, rows: DataFrame, dataset: s
     if new.limit(1).count() == 0:
         return 0
     before = lake.current_version(table)
-    lake.with_retry(lambda: table.alias("t").merge(rows.alias("s"), f"t.dataset = '{dataset}' AND {key}")
-                    .whenNotMatchedInsertAll().execute(), f"merge into {uri}")
+    with _idempotent(spark, txn, f"quarantine:{dataset}"):
+        lake.with_retry(lambda: table.alias("t").merge(rows.alias("s"), f"t.dataset = '{dataset}' AND {key}")
+                        .whenNotMatchedInsertAll().execute(), f"merge into {uri}")
     return lake.commit_metric(table, before, "numTargetRowsInserted")
