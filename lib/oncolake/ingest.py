@@ -462,7 +462,9 @@ def _inspect_dicom(data: bytes, max_pixels: int, min_side: int, pseudonyms, deid
 
 
 def _chosen_images(inspected: DataFrame, files: DataFrame) -> DataFrame:
-    """Metadata of one file per distinct good image: a labelled copy first, then the first path.
+    """Metadata of one file per distinct good image: a labelled copy first, then the first relative path.
+
+    (By relative path, so a folder and a stream of the same folder keep the same copy.)
 
     A DICOM image's group is its patient's pseudonym, whatever a CSV says.
     """
@@ -473,7 +475,8 @@ def _chosen_images(inspected: DataFrame, files: DataFrame) -> DataFrame:
                         .otherwise(F.col("csv_group")))
             .drop("csv_group", "patient"))
     first = (good.groupBy("image_id")
-             .agg(F.min(F.struct(F.col("label").isNull().alias("unlabelled"), "path")).alias("first"))
+             .agg(F.min(F.struct(F.col("label").isNull().alias("unlabelled"), "relative_path", "path"))
+                  .alias("first"))
              .select("first.path"))
     return good.join(first, "path", "left_semi")
 
