@@ -13,6 +13,7 @@ from jobs import preprocess as preprocess_job
 from jobs import score as score_job
 from oncolake import config, evaluation, imaging, lake, registry, synthetic, training
 from tests.conftest import last_json
+from tests.test_stream import broker  # noqa: F401  (a fixture: the Kafka broker)
 
 
 def run(job, capsys, *args):
@@ -258,3 +259,20 @@ def test_a_tampered_model_file_is_refused_before_it_is_loaded(spark, tmp_path, c
     assert not spark.read.format("delta").load(lake_uri + "/bronze/images").isEmpty()  # nothing else touched
     (folder / "model.keras").write_bytes(original)  # restored (still without its .crc): scores again
     assert run(score_job, capsys, "--lake", lake_dir, "--dataset", "syn")["scored"] == 40
+
+
+@pytest.mark.slow
+@pytest.mark.kafka
+def test_nightly_takes_the_nights_images_from_a_kafka_topic(spark, tmp_path, capsys, scored_lake, broker):
+    from jobs import nightly as nightly_job
+    from tests.test_stream import BOOTSTRAP, produce
+    lake_dir, _, _ = scored_lake
+    incoming = synthetic.write_dataset(tmp_path / "incoming", groups=3, per_group=2, seed=21, start=70)
+    sent = produce(capsys, lake_dir, "nightly-syn", "syn", incoming)
+    assert sent["acknowledged"] == 6
+    args = ["--lake", lake_dir, "--set", "nightly.dataset=syn", "--set", "nightly.topic=nightly-syn",
+            "--set", f"stream.bootstrap_servers={BOOTSTRAP}"]
+    first = run(nightly_job, capsys, *args)
+    assert (first["ingested"], first["scored"], first["errors"]) == (6, 46, 0)
+    second = run(nightly_job, capsys, *args)  # nothing published since: nothing ingested or scored
+    assert (second["ingested"], second["scored"]) == (0, 0)

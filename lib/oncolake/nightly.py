@@ -1,4 +1,4 @@
-"""The night: ingest what landed, score it, log the night, refresh the page.
+"""The night: ingest what landed (a folder, or a Kafka topic), score it, log the night, refresh the page.
 
 Ingest is idempotent, so pointing it at the whole incoming folder adds only
 the files that arrived since the last run; scoring then takes every
@@ -20,6 +20,7 @@ from pyspark.sql import functions as F
 from oncolake import ingest, lake, report, scoring
 from oncolake.config import Config
 from oncolake.errors import ConfigError
+from oncolake.stream import ingest as stream_ingest
 
 RUNS = "gold/nightly_runs"
 
@@ -27,12 +28,17 @@ RUNS = "gold/nightly_runs"
 def run(spark: SparkSession, cfg: Config, model_version: int | None = None) -> dict[str, Any]:
     """Run one night for ``cfg.nightly``; returns the night's summary."""
     nightly = cfg.nightly
-    if not nightly.dataset or not nightly.incoming:
-        raise ConfigError("set nightly.dataset and nightly.incoming (conf/<env>.yaml or --set)")
+    if not nightly.dataset or not (nightly.incoming or nightly.topic):
+        raise ConfigError("set nightly.dataset and nightly.incoming or nightly.topic (conf/<env>.yaml or --set)")
+    if nightly.incoming and nightly.topic:
+        raise ConfigError("set one of nightly.incoming (a folder) and nightly.topic (Kafka), not both")
     lake_uri = lake.qualify(spark, cfg.lake)
     started = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
-    ingested = ingest.run(spark, cfg, dataset=nightly.dataset, source=nightly.incoming,
-                          labels=nightly.labels or None)
+    if nightly.topic:  # what was published since the last night, then stop
+        ingested = stream_ingest.run(spark, cfg, topic=nightly.topic, dataset=nightly.dataset, available_now=True)
+    else:
+        ingested = ingest.run(spark, cfg, dataset=nightly.dataset, source=nightly.incoming,
+                              labels=nightly.labels or None)
     scored = scoring.run(spark, cfg, dataset=nightly.dataset, model_version=model_version)
     rate = None
     if scored["partitions_scored"]:

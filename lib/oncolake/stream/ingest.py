@@ -32,7 +32,7 @@ from pyspark.sql import functions as F
 from oncolake import ingest, lake
 from oncolake.config import Config
 from oncolake.dicom import deid as dicom_deid
-from oncolake.errors import ConfigError, OncolakeError
+from oncolake.errors import ConfigError, InputError, OncolakeError
 from oncolake.stream import records
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,7 @@ def run(spark: SparkSession, cfg: Config, topic: str, dataset: str | None = None
             totals.error = err
             raise
 
+    _check_broker(cfg, topic)
     reader = spark.readStream.format("kafka").options(**options).load()
     writer = (reader.writeStream.queryName(name).foreachBatch(process)
               .option("checkpointLocation", checkpoint))
@@ -119,12 +120,16 @@ def run(spark: SparkSession, cfg: Config, topic: str, dataset: str | None = None
                 log.info("stopping the stream (requested)")
                 query.stop()
                 break
-            query.awaitTermination(1)
+            try:
+                query.awaitTermination(1)
+            except Exception:  # the query failed: reported below from query.exception()
+                break
         exception = query.exception()
         if exception is not None or totals.error is not None:
             if isinstance(totals.error, OncolakeError):
                 raise totals.error
-            raise RuntimeError(f"the stream failed: {str(exception).splitlines()[0][:300]}")
+            cause = [line for line in str(exception).splitlines() if "Exception:" in line or "Error:" in line]
+            raise RuntimeError(f"the stream failed: {(cause or [str(exception)])[-1].strip()[:300]}")
     finally:
         if query.isActive:
             query.stop()
@@ -146,6 +151,21 @@ def run(spark: SparkSession, cfg: Config, topic: str, dataset: str | None = None
         "quarantine_table": lake.table_uri(lake_root, "bronze.quarantine"),
         "checkpoint": checkpoint,
     }
+
+
+def _check_broker(cfg: Config, topic: str, timeout_s: float = 15.0) -> None:
+    """Fail in seconds, with one clear line, when the broker cannot be reached (Spark would retry for minutes)."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+    admin = AdminClient({"bootstrap.servers": cfg.stream.bootstrap_servers, **dict(cfg.stream.kafka)})
+    try:
+        metadata = admin.list_topics(timeout=timeout_s)
+    except KafkaException as err:
+        raise InputError(f"Kafka at {cfg.stream.bootstrap_servers} cannot be reached within {timeout_s:.0f} s "
+                         f"({err.args[0].str() if err.args else err}); is the broker up (scripts/kafka.sh status)?") from err
+    if topic not in metadata.topics:
+        log.warning("topic %s does not exist yet on %s: nothing to read until it is created",
+                    topic, cfg.stream.bootstrap_servers)
 
 
 def _header(name: str):

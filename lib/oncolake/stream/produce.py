@@ -129,6 +129,11 @@ def publish(cfg: config.Config, topic: str, dataset: str, source: str, labels: s
         "client.id": f"oncolake-produce-{dataset}",
         **dict(cfg.stream.kafka),
     })
+    try:
+        producer.list_topics(timeout=15)
+    except KafkaException as err:
+        raise InputError(f"Kafka at {cfg.stream.bootstrap_servers} cannot be reached within 15 s "
+                         f"({err.args[0].str() if err.args else err}); is the broker up (scripts/kafka.sh status)?") from err
     sent = sent_bytes = refs = 0
     started = time.monotonic()
     log.info("publishing %d files from %s to topic %s (%s)", len(files), root, topic, cfg.stream.bootstrap_servers)
