@@ -1,6 +1,7 @@
-"""The nightly run: ingest new images from nightly.incoming, score them, log the night.
+"""The nightly run: ingest new images from nightly.incoming or nightly.topic, score them, log the night.
 
-Reads the folder nightly.incoming (and nightly.labels if set); writes
+Reads the folder nightly.incoming (and nightly.labels if set), or what was
+published to the Kafka topic nightly.topic since the last night; writes
 bronze.images, gold.predictions, gold.nightly_runs and LAKE/reports/nightly.html.
 
     scripts/nightly.sh --lake lake --set nightly.dataset=busi --set nightly.incoming=/data/incoming

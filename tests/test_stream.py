@@ -176,6 +176,7 @@ def test_bad_records_are_quarantined_and_the_good_ones_around_them_land(spark, b
         "twice.png": (encode(rgb_image(31, 31, seed=51), ".png"), h() + [("label", "benign"), ("label", "x")]),
         "altered.png": (encode(rgb_image(32, 32, seed=52), ".png"), h(sha256=sha(b"something else"))),
         None: (encode(rgb_image(33, 33, seed=53), ".png"), h()),
+        "nodataset.png": (encode(rgb_image(34, 34, seed=54), ".png"), h(dataset=None, label="benign")),
     }
     for key, (value, headers) in bad.items():
         send(key.encode() if key else None, value, headers)
@@ -191,6 +192,7 @@ def test_bad_records_are_quarantined_and_the_good_ones_around_them_land(spark, b
         "notes.txt": "unsupported_format", "noheaders.png": "no_headers", "unknown.png": "unknown_dataset",
         "missing-ref.png": "missing_reference", "escape-ref.png": "bad_reference",
         "twice.png": "malformed_headers", "altered.png": "checksum_mismatch", "": "missing_key",
+        "nodataset.png": "missing_dataset",
     }
     quarantine = spark.read.format("delta").load(summary["quarantine_table"])
     got = {r.relative_path: r.reason for r in quarantine.select("relative_path", "reason").collect()}
@@ -267,3 +269,65 @@ def test_a_stream_killed_part_way_and_restarted_lands_every_image_exactly_once(s
     labels = {row["path"]: row["label"] for row in rows}
     assert all(r.label == labels[r.relative_path] for r in table.select("relative_path", "label").collect())
     assert spark.read.format("delta").load(summary["quarantine_table"]).count() == 0
+
+
+def test_without_a_reachable_broker_both_sides_fail_fast_with_one_line(spark, tmp_path, capsys):
+    lake = str(tmp_path / "lake")
+    closed = ["--set", "stream.bootstrap_servers=127.0.0.1:19999"]  # nothing listens there
+    assert not port_open(19999)
+    code = produce_mod.main(["--lake", lake, *closed, "--topic", "t", "--dataset", "d",
+                             "--input", str(tmp_path / "no-such-folder")])
+    assert code != 0 and "does not exist" in capsys.readouterr().err
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(encode(rgb_image(20, 20), ".png"))
+    for main, args in ((produce_mod.main, ["--topic", "t", "--dataset", "d", "--input", str(folder)]),
+                       (stream_job.main, ["--topic", "t", "--dataset", "d", "--available-now"])):
+        started = time.monotonic()
+        code = main(["--lake", lake, *closed, *args])
+        err = capsys.readouterr().err
+        assert code != 0 and time.monotonic() - started < 60
+        failed = [line for line in err.splitlines() if " failed: " in line]
+        assert len(failed) == 1 and "cannot be reached" in failed[0], err[-2000:]
+    assert not (tmp_path / "lake" / "bronze").exists()
+
+
+def test_a_continuous_stream_takes_images_as_they_come_and_stops_cleanly_on_sigterm(spark, broker, tmp_path,
+                                                                                    capsys):
+    from confluent_kafka import Producer
+    lake, topic = str(tmp_path / "lake"), "live"
+    producer = Producer({"bootstrap.servers": BOOTSTRAP, "acks": "all", "enable.idempotence": True})
+
+    def publish(first: int, n: int) -> None:
+        for i in range(first, first + n):
+            blob = encode(rgb_image(30 + i, 30, seed=100 + i), ".png")
+            producer.produce(topic, key=f"img{i}.png".encode(), value=blob,
+                             headers=[("dataset", "live"), ("sha256", sha(blob))])
+        assert producer.flush(30) == 0
+
+    publish(0, 3)
+    args = [str(ROOT / "scripts" / "submit.sh"), "stream_ingest", *sets(lake, "--topic", topic, "--dataset", "live",
+                                                                         "--trigger", "1 second")]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYSPARK", "SPARK_"))}
+    job = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                           start_new_session=True)
+    lines, ingested = [], 0
+    try:
+        for line in job.stdout:
+            lines.append(line)
+            if line.startswith('{"stream_ingest_batch"'):
+                ingested += json.loads(line)["stream_ingest_batch"]["ingested"]
+                if ingested == 3:
+                    publish(3, 2)  # while it runs
+                elif ingested == 5:
+                    break
+        job.send_signal(signal.SIGTERM)  # the scheduler's stop: finish the batch, report, exit 0
+        rest, _ = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+    assert job.returncode == 0, "".join(lines)[-3000:] + (rest or "")[-3000:]
+    summary = last_json(rest)
+    assert summary["job"] == "stream_ingest" and summary["ingested"] == 5 and summary["quarantined"] == 0
+    assert spark.read.format("delta").load(summary["table"]).count() == 5

@@ -58,6 +58,27 @@ def command(job: str, args: Sequence[str], zip_path: str, python: str,
     return cmd + [str(script)] + job_args + rest
 
 
+#: Jobs that must see the scheduler's SIGTERM themselves (a continuous stream
+#: finishes its batch and reports): the Python driver is the process started,
+#: and Spark's JVM its child, which ignores SIGINT (as PySpark launches it).
+SIGNALLED = frozenset({"stream_ingest"})
+
+
+def driver_first(cmd: list[str], env: dict[str, str], python: str) -> tuple[list[str], dict[str, str]]:
+    """The same spark-submit arguments, launched the other way round: ``python JOB.py ARGS``
+    with the options in ``PYSPARK_SUBMIT_ARGS`` (PySpark starts spark-submit as the child gateway).
+
+    spark-submit's own process would otherwise take a SIGTERM meant for the
+    job and exit at once, leaving the Python driver no chance to stop cleanly.
+    """
+    script = next(i for i, a in enumerate(cmd) if a.endswith(".py") and i > 0 and cmd[i - 1] != "--py-files")
+    options, job = cmd[1:script], cmd[script:]
+    zip_path = options[options.index("--py-files") + 1]
+    env = dict(env, PYSPARK_SUBMIT_ARGS=shlex.join(options + ["pyspark-shell"]),
+               PYTHONPATH=os.pathsep.join(p for p in (zip_path, env.get("PYTHONPATH", "")) if p))
+    return [python, *job], env
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cli.setup_logging()
@@ -72,6 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import pyspark  # the installed Spark is the one spark-submit must use
     env = dict(os.environ, SPARK_HOME=str(Path(pyspark.__file__).parent),
                PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable)
+    if argv[0] in SIGNALLED:
+        cmd, env = driver_first(cmd, env, sys.executable)
     cli.log.info("running: %s", shlex.join(cmd))
     sys.stdout.flush()
     os.execve(cmd[0], cmd, env)

@@ -216,20 +216,29 @@ def _process(spark: SparkSession, cfg: Config, frame: DataFrame, batch_id: int, 
     with lake.spark_conf(spark, {"spark.sql.mapKeyDedupPolicy": "LAST_WIN"}):
         parsed = (records_frame(frame, dataset, accepted)
                   .withColumn("status_detail", F.when(F.col("status").isNotNull(), details[F.col("status")]))
-                  .persist(StorageLevel.MEMORY_AND_DISK))
-    landed = None
+                  .persist(StorageLevel.DISK_ONLY))  # the batch's bytes: local disk, not the heap
+    landed = files = None
     try:
         # Claim checks: the bytes are in the landing area, named by content.
-        refs = [r["ref"] for r in parsed.filter(F.col("status").isNull() & F.col("ref").isNotNull())
-                .select("ref").distinct().collect()]
+        # One pass over the batch: records per dataset, the largest inline image, the references.
+        ok = F.col("status").isNull()
+        tally = parsed.groupBy("dataset").agg(
+            F.count("*").alias("count"),
+            F.max(F.when(ok & F.col("ref").isNull(), F.length("value"))).alias("largest"),
+            F.collect_set(F.when(ok, F.col("ref"))).alias("refs")).collect()
+        counts = {r["dataset"]: r["count"] for r in tally}
+        largest = max([r["largest"] or 1 for r in tally] or [1])
+        refs = sorted({ref for r in tally for ref in r["refs"]})
         landing = f"{lake_root}/{records.LANDING}"
         present = [ref for ref in refs if lake.exists(spark, f"{landing}/{ref}")]
         inline = parsed.filter(F.col("ref").isNull()).select("path", F.col("value").alias("content"))
         if present:
-            landed = (spark.read.format("binaryFile").load([f"{landing}/{ref}" for ref in present])
+            found = spark.read.format("binaryFile").load([f"{landing}/{ref}" for ref in present])
+            largest = max(largest, found.agg(F.max("length")).first()[0] or 1)
+            landed = (found
                       .select(F.expr(f"substring(path, instr(path, '/{records.LANDING}/') + "
                                      f"{len(records.LANDING) + 2})").alias("ref"), "content")
-                      .persist(StorageLevel.MEMORY_AND_DISK))
+                      .persist(StorageLevel.DISK_ONLY))
             by_ref = parsed.filter(F.col("ref").isNotNull()).select("path", "ref").join(landed, "ref")
             content_all = inline.unionByName(by_ref.select("path", "content"))
         else:
@@ -245,8 +254,6 @@ def _process(spark: SparkSession, cfg: Config, frame: DataFrame, batch_id: int, 
                  .withColumn("length", F.coalesce("length", F.lit(0).cast("long"))))
         files = ingest.with_size_status(files, cfg.ingest.max_file_bytes).persist(StorageLevel.MEMORY_AND_DISK)
         content = content_all.join(files.filter(F.col("status") == "read").select("path"), "path", "left_semi")
-        counts = {r["dataset"]: r["count"] for r in files.groupBy("dataset").count().collect()}
-        largest = files.filter(F.col("status") == "read").agg(F.max("length")).first()[0] or 1
         batch_rows = max(1, min(256, (cfg.ingest.batch_mb << 20) // largest))
         stats = {"batch": batch_id, "records": sum(counts.values()), "ingested": 0, "already_present": 0,
                  "duplicates": 0, "quarantined": 0}
@@ -276,9 +283,10 @@ def _process(spark: SparkSession, cfg: Config, frame: DataFrame, batch_id: int, 
         totals.records += stats["records"]
         stats["seconds"] = round(time.monotonic() - started, 2)
         lags[batch_id] = stats
-        files.unpersist()
     finally:
         parsed.unpersist()
+        if files is not None:
+            files.unpersist()
         if landed is not None:
             landed.unpersist()
 
