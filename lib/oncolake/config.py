@@ -136,7 +136,7 @@ class NightlyConfig:
 class StreamConfig:
     bootstrap_servers: str = "127.0.0.1:9092"
     datasets: tuple[str, ...] = ()
-    max_offsets_per_trigger: int = 5000
+    max_offsets_per_trigger: int = 10000
     max_record_bytes: int = 1_000_000
     starting_offsets: str = "earliest"
     kafka: Mapping[str, str] = dataclasses.field(default_factory=dict)

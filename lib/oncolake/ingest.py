@@ -554,8 +554,8 @@ def _merge_images(spark: SparkSession, bronze, chosen: DataFrame, rows: DataFram
                     "label": "s.label", "group_id": "s.group_id", "attributes": "s.attributes",
                     "updated_at": "s.updated_at"}).execute(), f"update labels in {uri}")
         if distinct - present or changed:
-            inserted = lake.commit_metric(bronze, before, "numTargetRowsInserted")
-            updated = lake.commit_metric(bronze, before, "numTargetRowsUpdated")
+            metrics = lake.commit_metrics(bronze, before, "numTargetRowsInserted", "numTargetRowsUpdated")
+            inserted, updated = metrics["numTargetRowsInserted"], metrics["numTargetRowsUpdated"]
         return {"inserted": inserted, "updated": updated, "already_present": present, "distinct": distinct}
     finally:
         flagged.unpersist()

@@ -204,8 +204,13 @@ def commit_metric(table: DeltaTable, after_version: int, name: str) -> int:
     A MERGE with nothing to do may not commit at all, so reading only the
     latest commit could report another run's numbers.
     """
+    return commit_metrics(table, after_version, name)[name]
+
+
+def commit_metrics(table: DeltaTable, after_version: int, *names: str) -> dict[str, int]:
+    """:func:`commit_metric` of several metrics from one read of the table's history."""
     rows = table.history().filter(f"version > {after_version}").select("operationMetrics").collect()
-    return sum(int((r[0] or {}).get(name, 0)) for r in rows)
+    return {name: sum(int((r[0] or {}).get(name, 0)) for r in rows) for name in names}
 
 
 def current_version(table: DeltaTable) -> int:

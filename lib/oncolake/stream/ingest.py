@@ -76,6 +76,9 @@ def run(spark: SparkSession, cfg: Config, topic: str, dataset: str | None = None
     accepted = [dataset] if dataset else list(cfg.stream.datasets or cfg.ingest.modalities)
     if not accepted:
         raise ConfigError("no dataset: give --dataset, or list stream.datasets")
+    odd = [name for name in accepted if not records.DATASET_PATTERN.match(name)]
+    if odd:
+        raise ConfigError(f"dataset names must be letters, digits, - or _: {', '.join(map(repr, odd))}")
     day = ingest._parse_date(ingest_date) if ingest_date else None
     key = dicom_deid.load_key(cfg.ingest.dicom.key_file) if cfg.ingest.dicom.key_file else None
     lake_root = lake.qualify(spark, cfg.lake)
@@ -202,8 +205,12 @@ def records_frame(frame: DataFrame, dataset: str | None, accepted: list[str]) ->
         F.nullif(F.trim(_header(records.GROUP)), F.lit("")).alias("group_id"),
         F.when(F.col("headers").isNotNull() & ~duplicated, attrs).alias("attributes"),
         ref.alias("ref"), digest.alias("sha256"), status.alias("status"))
-    return out.withColumn("status_detail", F.when(F.col("status").isNotNull(), F.col("status"))
-                          .cast("string"))
+    return out.withColumn("status_detail", F.when(F.col("status").isNotNull(), _details()[F.col("status")]))
+
+
+def _details():
+    """The quarantine detail of each reason of :data:`records.REASONS`, as a SQL map."""
+    return F.create_map(*[x for k, v in records.REASONS.items() for x in (F.lit(k), F.lit(v))])
 
 
 def _process(spark: SparkSession, cfg: Config, frame: DataFrame, batch_id: int, app: str,
@@ -212,10 +219,9 @@ def _process(spark: SparkSession, cfg: Config, frame: DataFrame, batch_id: int, 
     started = time.monotonic()
     now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
     night = day or now.date()
-    details = F.create_map(*[x for k, v in records.REASONS.items() for x in (F.lit(k), F.lit(v))])
+    details = _details()
     with lake.spark_conf(spark, {"spark.sql.mapKeyDedupPolicy": "LAST_WIN"}):
         parsed = (records_frame(frame, dataset, accepted)
-                  .withColumn("status_detail", F.when(F.col("status").isNotNull(), details[F.col("status")]))
                   .persist(StorageLevel.DISK_ONLY))  # the batch's bytes: local disk, not the heap
     landed = files = None
     try:
