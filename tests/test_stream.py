@@ -331,3 +331,30 @@ def test_a_continuous_stream_takes_images_as_they_come_and_stops_cleanly_on_sigt
     summary = last_json(rest)
     assert summary["job"] == "stream_ingest" and summary["ingested"] == 5 and summary["quarantined"] == 0
     assert spark.read.format("delta").load(summary["table"]).count() == 5
+
+
+def test_claim_checked_dicom_lands_de_identified_and_its_original_leaves_the_lake(spark, broker, tmp_path, capsys):
+    from tests import test_dicom
+    data = tmp_path / "in"
+    files = test_dicom._write_folder(data)
+    key = tmp_path / "dicom.key"
+    key.write_bytes(test_dicom.KEY)
+    lake_dir = tmp_path / "lake"
+    dicom = ["--set", f"ingest.dicom.key_file={key}", "--set", r"ingest.dicom.patient_id_pattern=MRN-(\d+)"]
+    sent = produce(capsys, str(lake_dir), "pacs", "mammo", data, data / "labels.csv",
+                   "--max-record-bytes", "100", *dicom)  # every DICOM goes through the landing area
+    # 10 .dcm or extension-less DICOM files and the DICOMDIR; not the README (no extension, not DICOM)
+    assert sent["references"] == sent["records_sent"] == 11 and sent["skipped"] == 2
+    assert test_dicom._lake_phi(lake_dir), "the originals wait in LAKE/landing, with their PHI"
+
+    summary, _ = stream(capsys, str(lake_dir), "pacs", "--dataset", "mammo", *dicom)
+    assert (summary["ingested"], summary["quarantined"]) == (6, 4)
+    assert summary["quarantine_reasons"] == {"burned_in_phi": 1, "no_pixel_data": 1, "not_an_image": 1,
+                                             "truncated": 1}
+    assert not [p for p in (lake_dir / "landing").rglob("*.dcm")], "DICOM originals left in the landing area"
+    assert test_dicom._lake_phi(lake_dir) == {}
+    rows = spark.read.format("delta").load(summary["table"]).collect()
+    expected_ids = {test_dicom.deid.Pseudonyms(test_dicom.KEY).image_id(p.read_bytes()) for p in files.values()
+                    if "burned" not in str(p)}
+    assert {r.image_id for r in rows} == expected_ids and {r.modality for r in rows} == {"MG"}
+    assert all(r.group_id.startswith("PSN-") for r in rows)

@@ -138,6 +138,7 @@ class StreamConfig:
     datasets: tuple[str, ...] = ()
     max_offsets_per_trigger: int = 10000
     max_record_bytes: int = 1_000_000
+    landing: str = ""
     starting_offsets: str = "earliest"
     kafka: Mapping[str, str] = dataclasses.field(default_factory=dict)
 

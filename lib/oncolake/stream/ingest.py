@@ -235,15 +235,19 @@ def _process(spark: SparkSession, cfg: Config, frame: DataFrame, batch_id: int, 
         counts = {r["dataset"]: r["count"] for r in tally}
         largest = max([r["largest"] or 1 for r in tally] or [1])
         refs = sorted({ref for r in tally for ref in r["refs"]})
-        landing = f"{lake_root}/{records.LANDING}"
+        landing = lake.qualify(spark, records.landing_root(lake_root, cfg.stream.landing))
         present = [ref for ref in refs if lake.exists(spark, f"{landing}/{ref}")]
+        originals: list[str] = []  # claim-checked DICOM files: patient identity, deleted once committed
         inline = parsed.filter(F.col("ref").isNull()).select("path", F.col("value").alias("content"))
         if present:
             found = spark.read.format("binaryFile").load([f"{landing}/{ref}" for ref in present])
-            largest = max(largest, found.agg(F.max("length")).first()[0] or 1)
+            landed_meta = found.select(
+                "path", "length", (F.hex(F.substring("content", 129, 4)) == "4449434D").alias("dicom")).collect()
+            largest = max([largest] + [r["length"] for r in landed_meta])
+            originals = [r["path"] for r in landed_meta if r["dicom"]]
+            # a ref is <dataset>/<file>: the last two parts of the path Spark read
             landed = (found
-                      .select(F.expr(f"substring(path, instr(path, '/{records.LANDING}/') + "
-                                     f"{len(records.LANDING) + 2})").alias("ref"), "content")
+                      .select(F.regexp_extract("path", r"([^/]+/[^/]+)$", 1).alias("ref"), "content")
                       .persist(StorageLevel.DISK_ONLY))
             by_ref = parsed.filter(F.col("ref").isNotNull()).select("path", "ref").join(landed, "ref")
             content_all = inline.unionByName(by_ref.select("path", "content"))
@@ -285,6 +289,8 @@ def _process(spark: SparkSession, cfg: Config, frame: DataFrame, batch_id: int, 
             stats["already_present"] += merged["already_present"]
             stats["duplicates"] += result.valid - merged["distinct"]
             stats["quarantined"] += quarantined
+        for original in originals:  # the de-identified copy is committed (or the file was refused)
+            lake.delete(spark, original)
         totals.batches += 1
         totals.records += stats["records"]
         stats["seconds"] = round(time.monotonic() - started, 2)

@@ -6,8 +6,9 @@
 The files taken are those folder ingest would read (``ingest.extensions``,
 no extension, or named by the labels CSV); the record format is
 :mod:`oncolake.stream.records`. An image larger than ``stream.max_record_bytes``
-is copied to LAKE/landing/ under its SHA-256 and published as a reference
-(claim check). The producer is idempotent with ``acks=all``: it returns
+is copied to the landing area (``stream.landing``, default LAKE/landing/)
+under its SHA-256 and published as a reference (claim check); stream_ingest
+deletes a DICOM original there once its de-identified copy is committed. The producer is idempotent with ``acks=all``: it returns
 once the broker has every record, and prints a JSON summary (records sent,
 bytes, references, failures) as its last line. Publishing the same folder
 twice sends every record twice; ingest keeps one copy of each image.
@@ -64,7 +65,11 @@ def read_labels(path: Path, group_columns: Sequence[str]) -> dict[str, dict[str,
 
 
 def candidates(root: Path, extensions: Sequence[str], named: set[str]) -> tuple[list[Path], int]:
-    """The files folder ingest would read under ``root`` (sorted), and how many others were skipped."""
+    """The files folder ingest would take under ``root`` (sorted), and how many others were skipped.
+
+    As folder ingest: image extensions, files the labels CSV names, and files
+    without an extension that are DICOM.
+    """
     exts = {e.lower() for e in extensions}
     taken, skipped = [], 0
     for folder, dirs, files in os.walk(root):
@@ -72,11 +77,20 @@ def candidates(root: Path, extensions: Sequence[str], named: set[str]) -> tuple[
         for name in sorted(files):
             path = Path(folder) / name
             rel = path.relative_to(root).as_posix()
-            if path.suffix.lower() in exts or "." not in name or rel in named:
+            if path.suffix.lower() in exts or rel in named or ("." not in name and _has_dicom_preamble(path)):
                 taken.append(path)
             else:
                 skipped += 1
     return taken, skipped
+
+
+def _has_dicom_preamble(path: Path) -> bool:
+    """A file without an extension is published only if it is DICOM (as folder ingest takes it)."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(132)[128:132] == b"DICM"
+    except OSError:
+        return True  # published, and its read failure reported with the others
 
 
 def headers_for(dataset: str, meta: dict[str, Any] | None, mtime: float, digest: str,
@@ -109,8 +123,9 @@ def publish(cfg: config.Config, topic: str, dataset: str, source: str, labels: s
     meta = read_labels(Path(labels), cfg.ingest.group_columns) if labels else {}
     files, skipped = candidates(root, cfg.ingest.extensions, set(meta))
     limit = max_record_bytes or cfg.stream.max_record_bytes
-    landing_fs, landing_root = lake.python_fs(f"{cfg.lake.rstrip('/')}/{records.LANDING}", cfg.hdfs)
-    if lake.is_local(cfg.lake):
+    landing_uri = records.landing_root(cfg.lake, cfg.stream.landing)
+    landing_fs, landing_root = lake.python_fs(landing_uri, cfg.hdfs)
+    if lake.is_local(landing_uri):
         landing_root = os.path.abspath(landing_root)
     failures: list[str] = []
     acked = [0]

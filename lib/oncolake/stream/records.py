@@ -21,7 +21,8 @@ import re
 
 DATASET, LABEL, GROUP, SOURCE_TIME, SHA256, REF = "dataset", "label", "group_id", "source_time", "sha256", "ref"
 ATTRIBUTE_PREFIX = "attr."
-#: Under the lake root: claim-checked images, LANDING/<dataset>/<sha256><extension>.
+#: Under the lake root unless ``stream.landing`` says otherwise: claim-checked
+#: images, LANDING/<dataset>/<sha256><extension>.
 LANDING = "landing"
 #: What a ``ref`` header may be: a dataset folder and a content-addressed file name, nothing else.
 REF_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,100}/[0-9a-f]{64}(\.[A-Za-z0-9]{1,10})?$")
@@ -40,6 +41,11 @@ REASONS = {
 }
 #: Where quarantine rows of records that name no usable dataset are filed.
 NO_DATASET = "_unknown"
+
+
+def landing_root(lake_root: str, configured: str) -> str:
+    """Where claim-checked images wait: ``stream.landing``, or LAKE/landing when that is empty."""
+    return (configured or f"{lake_root.rstrip('/')}/{LANDING}").rstrip("/")
 
 
 def landing_name(dataset: str, sha256: str, extension: str) -> str:
