@@ -63,3 +63,12 @@ def test_describe_hides_secrets():
     described = config.describe(config.load("local", overrides=["mlflow.tracking_uri=http://u:pw@h:5000"]))
     assert described["ingest"]["extensions"][0] == ".jpg"
     assert described["mlflow"]["tracking_uri"] == "http://***@h:5000"
+
+
+def test_stream_trigger_intervals_take_short_and_long_forms():
+    from oncolake.stream.ingest import interval
+    assert [interval(t) for t in ("30s", "500ms", "2m", "1h", "30 seconds", "1 minute")] == [
+        "30 seconds", "500 milliseconds", "2 minutes", "1 hours", "30 seconds", "1 minutes"]
+    for bad in ("soon", "", "30", "-5s", "5 parsecs"):
+        with pytest.raises(ConfigError, match="--trigger"):
+            interval(bad)

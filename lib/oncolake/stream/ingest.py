@@ -19,6 +19,7 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import re
 import signal
 import sys
 import threading
@@ -54,6 +55,19 @@ class _Totals:
     error: BaseException | None = None
 
 
+_UNITS = {"ms": "milliseconds", "s": "seconds", "m": "minutes", "h": "hours"}
+
+
+def interval(text: str) -> str:
+    """A trigger interval as Spark takes it: ``30s`` or ``30 seconds`` -> ``30 seconds``."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|milliseconds?|seconds?|minutes?|hours?)\s*", text or "")
+    if not match:
+        raise ConfigError(f"--trigger must be an interval such as 30s, 500ms, 2m or '30 seconds', got {text!r}")
+    number, unit = match.groups()
+    unit = _UNITS.get(unit, unit if unit.endswith("s") else unit + "s")
+    return f"{number} {unit}"
+
+
 def checkpoint_uri(lake_root: str, topic: str) -> str:
     """Where the stream of ``topic`` keeps its offsets: in the lake, next to the bronze tables."""
     return f"{lake_root}/bronze/_checkpoints/stream_ingest/{topic}"
@@ -79,6 +93,7 @@ def run(spark: SparkSession, cfg: Config, topic: str, dataset: str | None = None
     odd = [name for name in accepted if not records.DATASET_PATTERN.match(name)]
     if odd:
         raise ConfigError(f"dataset names must be letters, digits, - or _: {', '.join(map(repr, odd))}")
+    every = None if available_now else interval(trigger or "30 seconds")
     day = ingest._parse_date(ingest_date) if ingest_date else None
     key = dicom_deid.load_key(cfg.ingest.dicom.key_file) if cfg.ingest.dicom.key_file else None
     lake_root = lake.qualify(spark, cfg.lake)
@@ -107,7 +122,8 @@ def run(spark: SparkSession, cfg: Config, topic: str, dataset: str | None = None
     reader = spark.readStream.format("kafka").options(**options).load()
     writer = (reader.writeStream.queryName(name).foreachBatch(process)
               .option("checkpointLocation", checkpoint))
-    writer = writer.trigger(availableNow=True) if available_now else writer.trigger(processingTime=trigger or "30 seconds")
+    writer = (writer.trigger(availableNow=True) if available_now
+              else writer.trigger(processingTime=every))
     listener = _LagListener(lags)
     spark.streams.addListener(listener)
     started = time.monotonic()

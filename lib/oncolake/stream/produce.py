@@ -93,12 +93,13 @@ def _has_dicom_preamble(path: Path) -> bool:
         return True  # published, and its read failure reported with the others
 
 
-def headers_for(dataset: str, meta: dict[str, Any] | None, mtime: float, digest: str,
+def headers_for(dataset: str, meta: dict[str, Any] | None, name: str, mtime: float, digest: str,
                 ref: str | None) -> list[tuple[str, bytes]]:
     """The record headers (:mod:`records`) of one image."""
     meta = meta or {}
     stamp = dt.datetime.fromtimestamp(mtime, dt.timezone.utc).isoformat(timespec="seconds")
-    out = [(records.DATASET, dataset), (records.SOURCE_TIME, stamp), (records.SHA256, digest)]
+    out = [(records.DATASET, dataset), (records.SOURCE, name), (records.SOURCE_TIME, stamp),
+           (records.SHA256, digest)]
     if meta.get("label") is not None:
         out.append((records.LABEL, meta["label"]))
     if meta.get("group_id") is not None:
@@ -173,7 +174,7 @@ def publish(cfg: config.Config, topic: str, dataset: str, source: str, labels: s
                     landing_fs.mv(target + ".part", target)
                 refs += 1
             value = b"" if ref else data
-            headers = headers_for(dataset, meta.get(rel), mtime, digest, ref)
+            headers = headers_for(dataset, meta.get(rel), path.name, mtime, digest, ref)
             while True:
                 try:
                     producer.produce(topic, key=rel.encode("utf-8"), value=value, headers=headers,

@@ -6,8 +6,8 @@ key
 value
     the image's bytes; empty for a claim check (:data:`REF`).
 headers (UTF-8 values)
-    ``dataset``, ``label``, ``group_id``, ``source_time`` (the file's
-    modification time, ISO 8601 UTC), ``sha256`` (of the image's bytes),
+    ``dataset``, ``label``, ``group_id``, ``source`` (the file's name) and
+    ``source_time`` (its modification time, ISO 8601 UTC), ``sha256`` (of the image's bytes),
     ``ref`` (claim check: the image is the file LAKE/landing/<ref>), and
     ``attr.<column>`` for every other column of the labels CSV.
 
@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import re
 
-DATASET, LABEL, GROUP, SOURCE_TIME, SHA256, REF = "dataset", "label", "group_id", "source_time", "sha256", "ref"
+DATASET, LABEL, GROUP, SHA256, REF = "dataset", "label", "group_id", "sha256", "ref"
+SOURCE, SOURCE_TIME = "source", "source_time"
 ATTRIBUTE_PREFIX = "attr."
 #: Under the lake root unless ``stream.landing`` says otherwise: claim-checked
 #: images, LANDING/<dataset>/<sha256><extension>.
