@@ -68,7 +68,8 @@ if [ ! -f "$stamp" ]; then
   log "creating .venv from $wheels"
   rm -rf .venv
   "$python" -m venv .venv
-  .venv/bin/pip install -q --no-index --find-links "$wheels" -U pip wheel 'setuptools<70' 2>/dev/null \
+  # pip and wheel come from the cache when it has them; an older pip is fine, pip's own message says why not
+  .venv/bin/pip install -q --no-index --find-links "$wheels" -U pip wheel 'setuptools<70' \
     || .venv/bin/pip install -q --no-index --find-links "$wheels" 'setuptools<70'
   .venv/bin/pip install -q --no-index --find-links "$wheels" \
       -r conf/requirements.txt "$horovod_spec"

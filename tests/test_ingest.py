@@ -233,3 +233,42 @@ def test_busi_file_names_with_spaces_and_parentheses(spark, lake, capsys, tmp_pa
     table = spark.read.format("delta").load(summary["table"])
     assert {r.relative_path: r.label for r in table.collect()} == {r["path"]: r["label"] for r in rows}
     assert summary["labels_without_file"] == 0
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "latin-1"])
+def test_hostile_label_files_are_read_refused_or_flagged_never_guessed(spark, lake, capsys, tmp_path, encoding):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    same = encode(rgb_image(30, 30, seed=1), ".png")
+    blobs = {"a.png": same, "b copy.png": same,  # one picture, two diagnoses
+             "c.png": encode(rgb_image(31, 31, seed=2), ".png"),  # one path, two labels
+             "d.png": encode(rgb_image(32, 32, seed=3), ".png"),  # a row given twice
+             "lésion é.png": encode(rgb_image(33, 33, seed=4), ".png")}
+    for name, blob in blobs.items():
+        (folder / name).write_bytes(blob)
+    (tmp_path / "secret.png").write_bytes(encode(rgb_image(34, 34, seed=5), ".png"))
+    injection = "'; DROP TABLE images; --"
+    rows = [("path", "label", "patient_id", "site"),
+            ("a.png", "benign", "p1", "=cmd|' /C calc'!A0"),
+            ("b copy.png", "malignant", "p2", injection),
+            ("c.png", "benign", "p3", "arm"), ("c.png", "malignant", "p3", "arm"),
+            ("d.png", "benign", "p4", "leg"), ("d.png", "benign", "p4", "leg"),
+            ("lésion é.png", "malignant", "p5", "dos, haut"),
+            ("../secret.png", "malignant", "p6", "x"), ("/etc/passwd", "benign", "p7", "x")]
+    with open(folder / "labels.csv", "w", newline="", encoding=encoding) as handle:
+        csv.writer(handle).writerows(rows)
+
+    code, summary, err = run(capsys, "--lake", lake, "--dataset", "d", "--input", str(folder),
+                             "--labels", str(folder / "labels.csv"))
+    assert code == 0, err
+    assert (summary["label_conflicts"], summary["labels_conflicting_paths"], summary["labels_refused"]) == (1, 1, 2)
+    assert summary["ingested"] == 4 and summary["duplicates"] == 1 and summary["quarantined"] == 0
+    table = {r.relative_path: r for r in spark.read.format("delta").load(summary["table"]).collect()}
+    assert set(table) == {"a.png", "c.png", "d.png", "lésion é.png"}  # b copy.png is a.png's bytes
+    assert table["a.png"].label is None and table["a.png"].attributes == {
+        "site": "=cmd|' /C calc'!A0", "label_conflict": "benign|malignant"}  # kept as text, never evaluated
+    assert table["c.png"].label is None
+    assert table["d.png"].label == "benign" and table["lésion é.png"].label == "malignant"
+    assert table["lésion é.png"].attributes == {"site": "dos, haut"}
+    assert not any("secret" in p for p in table)
+    assert len(table) == spark.read.format("delta").load(summary["table"]).count()

@@ -38,6 +38,8 @@ from oncolake.errors import ConfigError, DataQualityError, InputError
 
 log = logging.getLogger(__name__)
 
+#: The attribute that lists the labels of an image filed under two or more (it keeps none).
+LABEL_CONFLICT = "label_conflict"
 #: Up to this many files, file metadata is broadcast to the image bytes instead of shuffling them.
 BROADCAST_FILES = 500_000
 
@@ -73,7 +75,8 @@ def run(spark: SparkSession, cfg: Config, dataset: str, source: str,
 
     with _step("list"):
         reader = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(root)
-        label_rows = _read_labels(spark, labels, icfg.group_columns) if labels else None
+        label_rows, label_notes = (_read_labels(spark, labels, icfg.group_columns) if labels
+                                   else (None, {"labels_refused": 0, "labels_conflicting_paths": 0}))
         listing = _with_relative_path(reader.select("path", "length"), root)
         files = _classify(listing, label_rows, icfg.extensions, icfg.max_file_bytes)
         files.persist(StorageLevel.MEMORY_AND_DISK)
@@ -130,6 +133,9 @@ def run(spark: SparkSession, cfg: Config, dataset: str, source: str,
             "skipped": stats.get("skipped", 0) + sum(skipped_by_content.values()),
             "dicomdir_skipped": skipped_by_content.get("dicomdir", 0),
             "labels_without_file": labels_without_file,
+            "label_conflicts": landed.label_conflicts,
+            "labels_refused": label_notes["labels_refused"],
+            "labels_conflicting_paths": label_notes["labels_conflicting_paths"],
             "table": bronze_uri,
             "table_version": lake.table_version(spark, bronze_uri),
             "quarantine_table": quarantine_uri,
@@ -147,6 +153,7 @@ class Landed:
     quarantine_added: int
     modalities: dict     # modality -> valid files
     skipped_by_content: dict
+    label_conflicts: int  # distinct images whose copies carry different labels (kept unlabelled)
 
     @property
     def valid(self) -> int:
@@ -229,8 +236,11 @@ def land(spark: SparkSession, cfg: Config, files: DataFrame, content: DataFrame,
             quarantine_added = (_merge_quarantine(spark, quarantine_uri, bad, dataset, txn) if reasons else 0)
         modalities = {r["modality"]: r["count"] for r in checked.filter(F.col("reason").isNull())
                       .groupBy(F.coalesce("modality", F.lit(modality)).alias("modality")).count().collect()}
+        conflicts = chosen.filter("label_conflict").count()
+        if conflicts:
+            log.warning("%d images are filed under different labels (the same bytes); kept unlabelled", conflicts)
         return Landed(kinds, merged, reasons, quarantine_added, dict(sorted(modalities.items())),
-                      skipped_by_content)
+                      skipped_by_content, conflicts)
     finally:
         for frame in (inspected, checked, bad, chosen):
             if frame is not None:
@@ -291,13 +301,23 @@ def _hadoop_path_string(uri: str) -> str:
     return f"{parts.scheme}:{authority}{urllib.parse.unquote(parts.path)}"
 
 
-def _read_labels(spark: SparkSession, uri: str, group_columns: tuple[str, ...]) -> DataFrame:
-    """The labels CSV as (relative_path, label, group_id, attributes)."""
+def _read_labels(spark: SparkSession, uri: str, group_columns: tuple[str, ...]) -> tuple[DataFrame, dict[str, int]]:
+    """The labels CSV as (relative_path, label, group_id, attributes), and what was refused in it.
+
+    UTF-8 (with or without a byte-order mark), else read as Latin-1. Rows
+    whose path is absolute or climbs out of the input (``..``) are refused:
+    counted, never matched to a file. A path given two different labels
+    keeps no label (counted): which one is right is not ingest's guess.
+    """
     if not lake.exists(spark, uri):
         raise InputError(f"labels CSV {uri} does not exist")
+    head = lake.read_head(spark, uri, 4 << 20)
+    encoding = _csv_encoding(head)
     try:
         raw = (spark.read.option("header", "true").option("escape", '"').option("mode", "FAILFAST")
-               .csv(uri))
+               .option("encoding", encoding).csv(uri))
+        # a byte-order mark, or spaces, around a column name are not part of it
+        raw = raw.toDF(*[c.replace("\ufeff", "").strip() for c in raw.columns])
         columns = raw.columns
     except Exception as err:  # Spark raises several types for an unreadable CSV
         raise InputError(f"labels CSV {uri} cannot be read: {str(err).splitlines()[0][:200]}") from err
@@ -312,18 +332,38 @@ def _read_labels(spark: SparkSession, uri: str, group_columns: tuple[str, ...]) 
     rows = raw.select(
         F.regexp_replace(F.regexp_replace(F.trim("path"), r"\\", "/"), r"^(\./)+", "").alias("relative_path"),
         F.nullif(F.trim("label"), F.lit("")).alias("label"),
-        (F.nullif(F.trim(F.col(group)), F.lit("")) if group else F.lit(None).cast("string")).alias("group_id"),
+        (F.nullif(F.trim(F.col(f"`{group}`")), F.lit("")) if group else F.lit(None).cast("string")).alias("group_id"),
         attributes.alias("attributes"),
     ).filter(F.col("relative_path").isNotNull() & (F.col("relative_path") != ""))
+    escapes = (F.col("relative_path").startswith("/") | F.col("relative_path").rlike(r"^[A-Za-z]:")
+               | F.col("relative_path").contains("://") | F.col("relative_path").rlike(r"(^|/)\.\.(/|$)"))
+    # One row per path: its label if all its rows agree (empty cells aside), none if they do not.
+    per_path = (rows.filter(~escapes).groupBy("relative_path").agg(
+        F.countDistinct("label").alias("labels"), F.max("label").alias("label"), F.max("group_id").alias("group_id"),
+        F.min_by("attributes", F.struct(F.col("label").isNull(), "label", "group_id")).alias("attributes"))
+        .withColumn("label", F.when(F.col("labels") <= 1, F.col("label"))))
     try:
-        conflicts = (rows.groupBy("relative_path").agg(F.countDistinct("label").alias("n"))
-                     .filter("n > 1").limit(5).collect())
+        refused = rows.agg(F.sum(escapes.cast("int"))).first()[0] or 0
+        n_conflicted = per_path.filter(F.col("labels") > 1).count()
     except Exception as err:
         raise InputError(f"labels CSV {uri} cannot be read: {str(err).splitlines()[0][:200]}") from err
-    if conflicts:
-        raise DataQualityError(f"labels CSV {uri} gives different labels to the same path: "
-                               f"{', '.join(r['relative_path'] for r in conflicts)}")
-    return rows.dropDuplicates(["relative_path"])
+    if refused:
+        log.warning("labels CSV %s: %d rows refused (absolute paths or '..': never read)", uri, refused)
+    if n_conflicted:
+        log.warning("labels CSV %s: %d paths have two or more labels; kept unlabelled", uri, n_conflicted)
+    kept = per_path.drop("labels")
+    return kept, {"labels_refused": refused, "labels_conflicting_paths": n_conflicted, "encoding": encoding}
+
+
+def _csv_encoding(head: bytes) -> str:
+    """UTF-8 if the bytes decode as UTF-8 (a cut last character allowed), else Latin-1."""
+    try:
+        head.decode("utf-8")
+        return "UTF-8"
+    except UnicodeDecodeError as err:
+        if err.start >= len(head) - 3:  # the sample ends inside a multi-byte character
+            return "UTF-8"
+        return "ISO-8859-1"
 
 
 def _classify(listing: DataFrame, labels: DataFrame | None, extensions: tuple[str, ...],
@@ -462,7 +502,8 @@ def _inspect_dicom(data: bytes, max_pixels: int, min_side: int, pseudonyms, deid
 
 
 def _chosen_images(inspected: DataFrame, files: DataFrame) -> DataFrame:
-    """Metadata of one file per distinct good image: a labelled copy first, then the first relative path.
+    """Metadata of one file per distinct good image: a labelled copy first, then the first relative path;
+    no label where its copies disagree (``label_conflict``).
 
     (By relative path, so a folder and a stream of the same folder keep the same copy.)
 
@@ -476,9 +517,18 @@ def _chosen_images(inspected: DataFrame, files: DataFrame) -> DataFrame:
             .drop("csv_group", "patient"))
     first = (good.groupBy("image_id")
              .agg(F.min(F.struct(F.col("label").isNull().alias("unlabelled"), "relative_path", "path"))
-                  .alias("first"))
-             .select("first.path"))
-    return good.join(first, "path", "left_semi")
+                  .alias("first"), F.array_sort(F.collect_set("label")).alias("labels"))
+             .select("first.path", "labels"))
+    # The same picture filed under two diagnoses: no label (so no split takes
+    # it), and the labels it was given kept in its attributes.
+    conflict = F.size("labels") > 1
+    attrs = F.coalesce("attributes", F.create_map().cast("map<string,string>"))
+    return (good.join(first, "path")
+            .withColumn("label", F.when(~conflict, F.col("label")))
+            .withColumn("attributes", F.when(~conflict, F.col("attributes")).otherwise(F.map_concat(
+                F.map_filter(attrs, lambda k, v: k != LABEL_CONFLICT),
+                F.create_map(F.lit(LABEL_CONFLICT), F.concat_ws("|", "labels")))))
+            .withColumn("label_conflict", conflict).drop("labels"))
 
 
 def _bronze_columns(dataset: str, now: dt.datetime, day: dt.date, modality: str) -> list:

@@ -101,6 +101,18 @@ def read_bytes(spark: SparkSession, uri: str) -> bytes:
         stream.close()
 
 
+def read_head(spark: SparkSession, uri: str, limit: int) -> bytes:
+    """Up to ``limit`` bytes from the start of a file (to sniff its encoding)."""
+    path, fs = _hadoop_path(spark, uri)
+    stream = fs.open(path)
+    try:
+        jvm = spark.sparkContext._jvm
+        return bytes(jvm.org.apache.commons.io.IOUtils.toByteArray(jvm.org.apache.commons.io.input.BoundedInputStream(
+            stream, limit)))
+    finally:
+        stream.close()
+
+
 def rename(spark: SparkSession, src: str, dst: str) -> bool:
     """Atomic rename on HDFS and local disk; False if ``dst`` exists or ``src`` doesn't."""
     src_path, fs = _hadoop_path(spark, src)

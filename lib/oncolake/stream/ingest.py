@@ -48,6 +48,7 @@ class _Totals:
     labels_updated: int = 0
     already_present: int = 0
     duplicates: int = 0
+    label_conflicts: int = 0
     quarantined: int = 0
     quarantine_added: int = 0
     reasons: dict = dataclasses.field(default_factory=dict)
@@ -162,6 +163,7 @@ def run(spark: SparkSession, cfg: Config, topic: str, dataset: str | None = None
         "batches": totals.batches, "records": totals.records, "valid": totals.valid,
         "ingested": totals.ingested, "labels_updated": totals.labels_updated,
         "already_present": totals.already_present, "duplicates": totals.duplicates,
+        "label_conflicts": totals.label_conflicts,
         "quarantined": totals.quarantined, "quarantine_added": totals.quarantine_added,
         "quarantine_reasons": dict(sorted(totals.reasons.items())),
         "seconds": round(time.monotonic() - started, 1),
@@ -295,6 +297,7 @@ def _process(spark: SparkSession, cfg: Config, frame: DataFrame, batch_id: int, 
             totals.already_present += merged["already_present"]
             totals.duplicates += result.valid - merged["distinct"]
             totals.quarantine_added += result.quarantine_added
+            totals.label_conflicts += result.label_conflicts
             quarantined = sum(result.reasons.values())
             totals.quarantined += quarantined
             for reason, n in result.reasons.items():
