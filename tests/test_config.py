@@ -72,3 +72,11 @@ def test_stream_trigger_intervals_take_short_and_long_forms():
     for bad in ("soon", "", "30", "-5s", "5 parsecs"):
         with pytest.raises(ConfigError, match="--trigger"):
             interval(bad)
+
+
+def test_names_reach_sql_only_quoted(spark):
+    from oncolake import lake
+    hostile = ["it's", "a\\'; DROP TABLE t; --", "back\\slash", "plain"]
+    literals = spark.sql("SELECT " + ", ".join(f"{lake.sql_string(v)} AS c{i}" for i, v in enumerate(hostile))).first()
+    assert list(literals) == hostile  # each came back as the very string, nothing executed
+    assert lake.sql_path("file:/tmp/a`b") == "delta.`file:/tmp/a``b`"

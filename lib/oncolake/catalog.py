@@ -32,11 +32,11 @@ def register(spark: SparkSession, lake_uri: str, database: str = "oncolake") -> 
     if lake.exists(spark, bronze):
         columns = [f.name for f in spark.read.format("delta").load(bronze).schema if f.name != "content"]
         spark.sql(f"CREATE OR REPLACE VIEW {database}.images AS SELECT {', '.join(columns)} "
-                  f"FROM delta.`{bronze}`")
+                  f"FROM {lake.sql_path(bronze)}")
         declared.append(f"{database}.images")
     for name, uri in (("predictions", predictions), ("quarantine", quarantine)):
         if lake.exists(spark, uri):
-            spark.sql(f"CREATE OR REPLACE VIEW {database}.{name} AS SELECT * FROM delta.`{uri}`")
+            spark.sql(f"CREATE OR REPLACE VIEW {database}.{name} AS SELECT * FROM {lake.sql_path(uri)}")
             declared.append(f"{database}.{name}")
     if f"{database}.images" in declared and f"{database}.predictions" in declared:
         spark.sql(f"""

@@ -590,7 +590,7 @@ def _merge_images(spark: SparkSession, bronze, chosen: DataFrame, rows: DataFram
         tally = flagged.agg(F.count("*").alias("distinct"), F.sum(F.col("present").cast("int")).alias("present"),
                             F.sum(F.col("changed").cast("int")).alias("changed")).first()
         distinct, present, changed = tally["distinct"], tally["present"] or 0, tally["changed"] or 0
-        on = f"t.dataset = '{dataset}' AND t.dataset = s.dataset AND t.image_id = s.image_id"
+        on = f"t.dataset = {lake.sql_string(dataset)} AND t.dataset = s.dataset AND t.image_id = s.image_id"
         inserted = updated = 0
         before = lake.current_version(bronze)
         if distinct - present:
@@ -624,6 +624,7 @@ def _merge_quarantine(spark: SparkSession, uri: str, rows: DataFrame, dataset: s
         return 0
     before = lake.current_version(table)
     with _idempotent(spark, txn, f"quarantine:{dataset}"):
-        lake.with_retry(lambda: table.alias("t").merge(rows.alias("s"), f"t.dataset = '{dataset}' AND {key}")
-                        .whenNotMatchedInsertAll().execute(), f"merge into {uri}")
+        on = f"t.dataset = {lake.sql_string(dataset)} AND {key}"
+        lake.with_retry(lambda: table.alias("t").merge(rows.alias("s"), on).whenNotMatchedInsertAll().execute(),
+                        f"merge into {uri}")
     return lake.commit_metric(table, before, "numTargetRowsInserted")

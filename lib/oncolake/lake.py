@@ -45,6 +45,20 @@ def qualify(spark: SparkSession, uri: str) -> str:
     return str(fs.makeQualified(path).toString()).rstrip("/")
 
 
+def sql_string(value: str) -> str:
+    """``value`` as a Spark SQL string literal: quotes and backslashes escaped.
+
+    Every name that reaches SQL text (a dataset in a MERGE condition or a
+    replaceWhere) goes through here, whatever validated it before.
+    """
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def sql_path(uri: str) -> str:
+    """``delta.`uri``` with any backtick in the URI doubled, as Spark SQL quotes identifiers."""
+    return "delta.`" + uri.replace("`", "``") + "`"
+
+
 def table_uri(lake: str, table: str) -> str:
     """The URI of one of :data:`TABLES` under the lake root ``lake``."""
     return f"{lake.rstrip('/')}/{TABLES[table]}"
@@ -201,7 +215,7 @@ def add_missing_columns(spark: SparkSession, uri: str, schema: StructType) -> li
     if any(not f.nullable for f in missing):
         raise ValueError(f"{uri} lacks non-nullable columns {[f.name for f in missing]}: cannot add them")
     columns = ", ".join(f"`{f.name}` {f.dataType.simpleString()}" for f in missing)
-    with_retry(lambda: spark.sql(f"ALTER TABLE delta.`{uri}` ADD COLUMNS ({columns})"), f"add columns to {uri}")
+    with_retry(lambda: spark.sql(f"ALTER TABLE {sql_path(uri)} ADD COLUMNS ({columns})"), f"add columns to {uri}")
     return [f.name for f in missing]
 
 

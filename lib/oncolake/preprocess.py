@@ -452,7 +452,7 @@ def _record_splits(spark: SparkSession, uri: str, dataset: str, version: int, go
                        "group_id", F.coalesce("group_id", F.concat(F.lit("image:"), "image_id")).alias("group_key"),
                        "label", "split")
     lake.with_retry(lambda: rows.write.format("delta").mode("overwrite")
-                    .option("replaceWhere", f"dataset = '{dataset}' AND version = {version}")
+                    .option("replaceWhere", f"dataset = {lake.sql_string(dataset)} AND version = {int(version)}")
                     .partitionBy("dataset").save(uri), f"record splits in {uri}")
 
 

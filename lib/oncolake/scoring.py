@@ -103,7 +103,7 @@ def run(spark: SparkSession, cfg: Config, dataset: str, model_version: int | Non
         "ingest_date")
     start = time.perf_counter()
     before = lake.current_version(target)
-    on = (f"t.dataset = '{dataset}' AND t.model_version = {version} AND t.dataset = s.dataset "
+    on = (f"t.dataset = {lake.sql_string(dataset)} AND t.model_version = {int(version)} AND t.dataset = s.dataset "
           "AND t.model_version = s.model_version AND t.image_id = s.image_id AND t.ingest_date = s.ingest_date")
     # Image rows are large: a bounded Arrow batch keeps each Python worker's
     # memory small; a night of mammograms (10 MB each) gets a few per batch.
