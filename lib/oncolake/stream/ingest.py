@@ -29,6 +29,7 @@ from typing import Any
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql.streaming import StreamingQueryListener
 
 from oncolake import ingest, lake
 from oncolake.config import Config
@@ -113,7 +114,11 @@ def run(spark: SparkSession, cfg: Config, topic: str, dataset: str | None = None
         if totals.error is not None:
             raise RuntimeError("stream_ingest stopped after an error") from totals.error
         try:
-            app = next((q.id for q in spark.streams.active if q.name == name), None) or checkpoint
+            # The query's id is kept by its checkpoint: a new checkpoint is a new id, so its
+            # batch ids (from 0 again) are never mistaken for ones Delta has seen.
+            app = next((q.id for q in spark.streams.active if q.name == name), None)
+            if app is None:
+                raise RuntimeError(f"the streaming query {name} is not active")
             _process(spark, cfg, frame, batch_id, app, accepted, dataset, day, key, lake_root, totals, lags)
         except OncolakeError as err:  # a configuration problem, not a poison record: stop the stream
             totals.error = err
@@ -137,8 +142,11 @@ def run(spark: SparkSession, cfg: Config, topic: str, dataset: str | None = None
     try:
         while query.isActive:
             if stop.is_set():
-                log.info("stopping the stream (requested)")
-                query.stop()
+                log.info("stopping the stream after the running micro-batch")
+                deadline = time.monotonic() + 600
+                while query.isActive and query.status.get("isTriggerActive") and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                query.stop()  # a batch interrupted all the same is replayed by the next start
                 break
             try:
                 query.awaitTermination(1)
@@ -322,38 +330,39 @@ def _process(spark: SparkSession, cfg: Config, frame: DataFrame, batch_id: int, 
             landed.unpersist()
 
 
-class _LagListener:
-    """Prints one JSON line per micro-batch on stderr: the batch's counts and the lag per partition."""
+class _LagListener(StreamingQueryListener):
+    """Prints one JSON line per micro-batch on stderr: the batch's counts and the lag per partition.
 
-    def __new__(cls, lags: dict):
-        from pyspark.sql.streaming import StreamingQueryListener
+    ``lags`` is filled by the batch function (batch id -> counts); the lag is
+    the source's latest offset minus the batch's end offset, per partition.
+    """
 
-        class Listener(StreamingQueryListener):
-            def onQueryStarted(self, event):
-                pass
+    def __init__(self, lags: dict):
+        self.lags = lags
 
-            def onQueryProgress(self, event):
-                progress = event.progress
-                stats = lags.pop(progress.batchId, None)
-                if stats is None:  # a progress event with no batch (an idle trigger)
-                    return
-                lag = {}
-                for source in progress.sources:
-                    try:
-                        end, latest = json.loads(source.endOffset or "{}"), json.loads(source.latestOffset or "{}")
-                    except ValueError:
-                        continue
-                    for topic, partitions in latest.items():
-                        for part, offset in partitions.items():
-                            lag[part] = int(offset) - int(end.get(topic, {}).get(part, offset))
-                line = {**stats, "lag": dict(sorted(lag.items(), key=lambda kv: int(kv[0]))),
-                        "rows_per_s": round(progress.processedRowsPerSecond or 0.0, 1)}
-                print(json.dumps({"stream_ingest_batch": line}), file=sys.stderr, flush=True)
+    def onQueryStarted(self, event):
+        pass
 
-            def onQueryIdle(self, event):
-                pass
+    def onQueryProgress(self, event):
+        progress = event.progress
+        stats = self.lags.pop(progress.batchId, None)
+        if stats is None:  # a progress event with no batch (an idle trigger)
+            return
+        lag = {}
+        for source in progress.sources:
+            try:
+                end, latest = json.loads(source.endOffset or "{}"), json.loads(source.latestOffset or "{}")
+            except ValueError:
+                continue
+            for topic, partitions in latest.items():
+                for part, offset in partitions.items():
+                    lag[part] = int(offset) - int(end.get(topic, {}).get(part, offset))
+        line = {**stats, "lag": dict(sorted(lag.items(), key=lambda kv: int(kv[0]))),
+                "rows_per_s": round(progress.processedRowsPerSecond or 0.0, 1)}
+        print(json.dumps({"stream_ingest_batch": line}), file=sys.stderr, flush=True)
 
-            def onQueryTerminated(self, event):
-                pass
+    def onQueryIdle(self, event):
+        pass
 
-        return Listener()
+    def onQueryTerminated(self, event):
+        pass
