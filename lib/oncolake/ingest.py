@@ -34,7 +34,7 @@ from oncolake import imaging, lake, schema, timing
 from oncolake.config import Config
 from oncolake.dicom import deid as dicom_deid
 from oncolake.dicom import read as dicom_read
-from oncolake.errors import ConfigError, DataQualityError, InputError
+from oncolake.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +98,9 @@ def run(spark: SparkSession, cfg: Config, dataset: str, source: str,
             named = frozenset(r["path"] for r in odd_rows if r["in_csv"])
         # A Python worker gets Arrow batches of this many files: a few large
         # DICOMs per batch, a few hundred small JPEGs.
-        batch_rows = _batch_rows(files, icfg.batch_mb)
-        with lake.spark_conf(spark, {"spark.sql.execution.arrow.maxRecordsPerBatch": str(batch_rows)}):
-            content = _read_content(spark, root, icfg.extensions, icfg.max_file_bytes, odd_paths)
+        content = _read_content(spark, root, icfg.extensions, icfg.max_file_bytes, odd_paths)
         landed = land(spark, cfg, files, content, dataset=dataset, now=now, day=day, modality=modality,
-                      key=key, batch_rows=batch_rows, named=named,
+                      key=key, batch_rows=_batch_rows(files, icfg.batch_mb), named=named,
                       broadcast=sum(stats.values()) <= BROADCAST_FILES)
         kinds, merged, reasons = landed.kinds, landed.merged, landed.reasons
         skipped_by_content = landed.skipped_by_content

@@ -23,8 +23,9 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from urllib.parse import unquote
 
-from oncolake import cli, ingest, lake, session
+from oncolake import cli, ingest, session
 from oncolake.stream import ingest as stream_ingest
 from oncolake.stream import produce, records
 
@@ -40,7 +41,6 @@ def visible_at(table: Path) -> dict[str, float]:
         stamp = next((a["commitInfo"]["timestamp"] for a in actions if "commitInfo" in a), None)
         for action in actions:
             if "add" in action and stamp is not None:
-                from urllib.parse import unquote
                 names = pq.read_table(table / unquote(action["add"]["path"]), columns=["relative_path"])
                 for name in names.column("relative_path").to_pylist():
                     out.setdefault(name, stamp / 1000)

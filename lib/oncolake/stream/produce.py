@@ -15,11 +15,9 @@ twice sends every record twice; ingest keeps one copy of each image.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import datetime as dt
 import hashlib
-import json
 import logging
 import os
 import sys
@@ -28,7 +26,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from oncolake import cli, config, lake
-from oncolake.errors import ConfigError, DataQualityError, InputError, OncolakeError
+from oncolake.errors import ConfigError, DataQualityError, InputError
 from oncolake.stream import records
 
 log = logging.getLogger("oncolake.produce")
@@ -213,9 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = cli.load_config(args)
         summary = publish(cfg, args.topic, args.dataset, args.input, args.labels, args.max_record_bytes)
-    except OncolakeError as err:
-        return cli.fail("produce", err)
-    except Exception as err:  # one clear line, whatever went wrong
+    except Exception as err:  # one clear line (and the exit code of an OncolakeError), whatever went wrong
         return cli.fail("produce", err)
     cli.emit(summary)
     return 1 if summary["failures"] else 0
