@@ -130,6 +130,11 @@ def test_real_topic_lands_every_image_once_and_as_folder_ingest_would(spark, bro
     paths = {r.path for r in spark.read.format("delta").load(summary["table"]).select("path").collect()}
     assert all(p.startswith("kafka:/isic/") for p in paths)
 
+    # the topic streamed into the folder's lake: the same images, labels and attributes: nothing to write
+    crossed, _ = stream(capsys, folder_lake, "isic", "--dataset", "isic_uda1")
+    assert (crossed["ingested"], crossed["labels_updated"], crossed["already_present"]) == (0, 0, 555)
+    assert crossed["table_version"] == folder_summary["table_version"]
+
 
 def test_bad_records_are_quarantined_and_the_good_ones_around_them_land(spark, broker, tmp_path, capsys):
     from confluent_kafka import Producer

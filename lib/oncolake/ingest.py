@@ -564,6 +564,12 @@ def _quarantine_rows(inspected: DataFrame, files: DataFrame, dataset: str, now: 
         F.lit(day).cast("date").alias("ingest_date"))
 
 
+def _attributes_key(column: str):
+    """Attributes as comparable text: the same entries in any order are the same (a CSV's
+    column order and a stream's header order differ)."""
+    return F.to_json(F.array_sort(F.map_entries(F.coalesce(column, F.create_map().cast("map<string,string>")))))
+
+
 def _merge_images(spark: SparkSession, bronze, chosen: DataFrame, rows: DataFrame, dataset: str, uri: str,
                   txn: tuple[str, int] | None = None) -> dict[str, int]:
     """Insert new images, then correct changed labels; commit nothing when nothing changed.
@@ -575,10 +581,8 @@ def _merge_images(spark: SparkSession, bronze, chosen: DataFrame, rows: DataFram
     """
     target = (bronze.toDF().filter(F.col("dataset") == dataset)
               .select("image_id", F.col("label").alias("t_label"), F.col("group_id").alias("t_group"),
-                      F.to_json("attributes").alias("t_attrs")))
-    keyed = chosen.select("image_id", "label", "group_id",
-                          F.to_json(F.coalesce("attributes", F.create_map().cast("map<string,string>")))
-                          .alias("attrs"))
+                      _attributes_key("attributes").alias("t_attrs")))
+    keyed = chosen.select("image_id", "label", "group_id", _attributes_key("attributes").alias("attrs"))
     same = (F.col("label").eqNullSafe(F.col("t_label")) & F.col("group_id").eqNullSafe(F.col("t_group"))
             & F.col("attrs").eqNullSafe(F.col("t_attrs")))
     flagged = keyed.join(target, "image_id", "left").select(
