@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from oncolake import cli, config, lake
-from oncolake.errors import ConfigError, DataQualityError, InputError
+from oncolake.errors import ConfigError, InputError
 from oncolake.stream import records
 
 log = logging.getLogger("oncolake.produce")
@@ -56,9 +56,14 @@ def read_labels(path: Path, group_columns: Sequence[str]) -> dict[str, dict[str,
         entry = {"label": (row.get("label") or "").strip() or None,
                  "group_id": ((row.get(group) or "").strip() or None) if group else None,
                  "attributes": {c: row.get(c) or "" for c in extra}}
-        if rel in out and out[rel]["label"] != entry["label"]:
-            raise DataQualityError(f"labels CSV {path} gives different labels to the same path: {rel}")
-        out.setdefault(rel, entry)
+        if rel in out:  # as folder ingest: a path given two labels keeps none; empty cells do not count
+            kept = out[rel]
+            if entry["label"] is not None and kept["label"] is not None and entry["label"] != kept["label"]:
+                kept["label"], kept["conflict"] = None, True
+            elif kept["label"] is None and not kept.get("conflict"):
+                kept["label"] = entry["label"]
+            continue
+        out[rel] = entry
     return out
 
 
