@@ -2,7 +2,8 @@
 # The nightly job for a scheduler: ingest what landed in nightly.incoming (a
 # folder) or was published to nightly.topic (Kafka, stream_ingest
 # --available-now), score it, append the night to gold.nightly_runs,
-# regenerate LAKE/reports/nightly.html.
+# regenerate LAKE/reports/nightly.html; with nightly.export=true, export the
+# predictions to PostgreSQL (serve.database_url, scripts/submit.sh export).
 #
 #   scripts/nightly.sh [--env ENV] [--lake LAKE] [--set nightly.dataset=NAME --set nightly.incoming=DIR]
 #   scripts/nightly.sh [--env ENV] [--lake LAKE] [--set nightly.dataset=NAME --set nightly.topic=TOPIC]

@@ -122,4 +122,32 @@ fi
 mkdir -p .cache
 ln -sfn "$jars" .cache/jars
 
+# --- 4. system packages -------------------------------------------------------
+# PostgreSQL's server (scripts/postgres.sh) from the OS packages; with
+# ONCOLAKE_TEST_BROWSER=1 (scripts/test.sh sets it) also Debian's chromium and
+# chromedriver, which the web page's test drives headless. ONCOLAKE_SYSTEM_PACKAGES=0
+# skips this (container images, where PostgreSQL runs in a container of its own).
+need=()
+[ "${ONCOLAKE_SYSTEM_PACKAGES:-1}" = 0 ] || {
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || need+=(postgresql)
+if [ "${ONCOLAKE_TEST_BROWSER:-0}" = 1 ]; then
+  command -v chromium >/dev/null || need+=(chromium)
+  command -v chromedriver >/dev/null || need+=(chromium-driver)
+fi
+}
+if [ "${#need[@]}" -gt 0 ]; then
+  step="install ${need[*]} (apt)"
+  if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+    log "need the OS packages ${need[*]}: install them (as root: apt-get install ${need[*]})"; exit 1
+  fi
+  log "installing ${need[*]} with apt-get"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null; }
+  # Debian's package starts a cluster of its own on 5432: scripts/postgres.sh runs its own
+  if [[ " ${need[*]} " == *" postgresql "* ]] && command -v pg_lsclusters >/dev/null; then
+    pg_lsclusters -h 2>/dev/null | while read -r ver name _; do pg_ctlcluster "$ver" "$name" stop 2>/dev/null || true; done
+  fi
+fi
+
 log "ready: .venv ($py_key), jars at .cache/jars -> $jars"

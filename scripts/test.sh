@@ -6,7 +6,7 @@
 #   scripts/test.sh tests/test_ingest.py -k quarantine
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-"$root/scripts/setup.sh"
+ONCOLAKE_TEST_BROWSER=1 "$root/scripts/setup.sh"
 cd "$root"
 export SPARK_LOCAL_IP="${SPARK_LOCAL_IP:-127.0.0.1}"
 export PYSPARK_PYTHON="$root/.venv/bin/python" PYSPARK_DRIVER_PYTHON="$root/.venv/bin/python"

@@ -27,6 +27,9 @@ ENVIRONMENT = {
     "ONCOLAKE_MLFLOW_TRACKING_URI": "mlflow.tracking_uri",
     "ONCOLAKE_DICOM_KEY_FILE": "ingest.dicom.key_file",
     "ONCOLAKE_KAFKA_BOOTSTRAP": "stream.bootstrap_servers",
+    "ONCOLAKE_DATABASE_URL": "serve.database_url",
+    "ONCOLAKE_DATABASE_PASSFILE": "serve.database_passfile",
+    "ONCOLAKE_JWT_KEY_FILE": "serve.jwt_key_file",
 }
 #: Keys whose values are never logged.
 SECRET_MARKERS = ("password", "token", "secret")
@@ -130,6 +133,7 @@ class NightlyConfig:
     topic: str = ""
     labels: str = ""
     nights_shown: int = 30
+    export: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +149,22 @@ class StreamConfig:
     def accepts(self, dataset: str, known: Mapping[str, str]) -> bool:
         """Whether a record may name ``dataset``: listed in ``datasets``, or (none listed) in ``known``."""
         return dataset in (self.datasets or tuple(known))
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    database_url: str = "postgresql://oncolake@127.0.0.1:5432/oncolake"
+    database_passfile: str = "var/postgres/pgpass"
+    jwt_key_file: str = ""
+    session_minutes: int = 30
+    login_failures: int = 5
+    login_window_seconds: int = 300
+    max_upload_bytes: int = 67_108_864
+    store_uploads: str = ""
+    reload_seconds: float = 10.0
+    page_size: int = 100
+    batch_max: int = 32
+    batch_wait_ms: float = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +186,7 @@ class Config:
     mlflow: MlflowConfig = MlflowConfig()
     stream: StreamConfig = StreamConfig()
     nightly: NightlyConfig = NightlyConfig()
+    serve: ServeConfig = ServeConfig()
 
 
 def default_conf_dir() -> Path:

@@ -4,6 +4,7 @@ Ingest is idempotent, so pointing it at the whole incoming folder adds only
 the files that arrived since the last run; scoring then takes every
 partition not yet scored. Each night is appended to the Delta table
 ``gold.nightly_runs`` and ``LAKE/reports/nightly.html`` is regenerated from it.
+With ``nightly.export``, the predictions then go to PostgreSQL (:mod:`oncolake.export`).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Any
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from oncolake import ingest, lake, report, scoring
+from oncolake import export, ingest, lake, report, scoring
 from oncolake.config import Config
 from oncolake.errors import ConfigError
 from oncolake.stream import ingest as stream_ingest
@@ -61,7 +62,10 @@ def run(spark: SparkSession, cfg: Config, model_version: int | None = None) -> d
     history = (spark.read.format("delta").load(runs_uri).filter(F.col("dataset") == nightly.dataset)
                .orderBy(F.col("started_at").desc()).limit(nightly.nights_shown).collect())
     lake.write_text(spark, page, _page(nightly.dataset, [r.asDict() for r in reversed(history)]))
-    return {"job": "nightly", **night, "run_log": runs_uri, "page": page}
+    summary = {"job": "nightly", **night, "run_log": runs_uri, "page": page}
+    if nightly.export:  # applications read the night's predictions from PostgreSQL
+        summary["exported"] = export.run(spark, cfg, dataset=nightly.dataset)["exported"]
+    return summary
 
 
 def _page(dataset: str, nights: list[dict[str, Any]]) -> str:

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -44,6 +45,61 @@ def list_versions(cfg: Config, root: str) -> list[int]:
     return sorted(int(n[1:]) for n in names if n.startswith("v") and n[1:].isdigit())
 
 
+@dataclass(frozen=True)
+class Registered:
+    """A registered model, verified and loaded, with what predicting needs."""
+    dataset: str
+    version: int
+    model_dir: str
+    record: dict[str, Any]
+    metrics: dict[str, Any]
+    model: Any
+
+    @property
+    def threshold(self) -> float:
+        return float(self.metrics["threshold"])
+
+    def modalities(self, cfg: Config) -> list[str]:
+        return registry.modalities(self.record, cfg.ingest.modality(self.dataset))
+
+    def tensor(self, data: bytes) -> np.ndarray:
+        """The model's input for an image's bytes: the pipeline's own preprocessing."""
+        return imaging.prepare(data, self.record["size"], self.record["resize"], **registry.pixel_options(self.record))
+
+
+def lake_root(cfg: Config) -> str:
+    """The configured lake as a URI the Python file systems take (a plain path made absolute)."""
+    return cfg.lake if "://" in cfg.lake or cfg.lake.startswith("file:") else str(Path(cfg.lake).resolve())
+
+
+def newest_evaluated(cfg: Config, dataset: str) -> int:
+    """The newest version with an operating threshold (evaluate has run on it)."""
+    root = registry.models_root(lake_root(cfg), dataset)
+    found = list_versions(cfg, root)
+    if not found:
+        raise InputError(f"no registered model under {root}")
+    fs, path = _fs(cfg, root)
+    for version in reversed(found):
+        if fs.isfile(f"{path}/v{version}/metrics.json"):
+            return version
+    raise InputError(f"no model under {root} has been evaluated (no threshold): run evaluate first")
+
+
+def load(cfg: Config, dataset: str, version: int | None = None) -> Registered:
+    """The dataset's model ``version`` (default the newest with a threshold), checksum-verified."""
+    root = registry.models_root(lake_root(cfg), dataset)
+    version = version or newest_evaluated(cfg, dataset)
+    model_dir = f"{root}/v{version}"
+    record = json.loads(read_lake_file(cfg, f"{model_dir}/model.json"))
+    metrics = json.loads(read_lake_file(cfg, f"{model_dir}/metrics.json"))
+    checksums = f"{model_dir}/{registry.CHECKSUMS}"
+    fs, path = _fs(cfg, checksums)
+    model = registry.load_model_bytes(registry.verified(
+        read_lake_file(cfg, f"{model_dir}/model.keras"),
+        read_lake_file(cfg, checksums) if fs.isfile(path) else None, model_dir))
+    return Registered(dataset, version, model_dir, record, metrics, model)
+
+
 def _write_overlay(model, tensor: np.ndarray, folder: Path, stem: str, written: set[Path]) -> Path:
     """Grad-CAM over the model's input image, as NAME.gradcam.png (NAME-2... when names repeat)."""
     import cv2
@@ -71,22 +127,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         cfg = cli.load_config(args)
-        lake_uri = cfg.lake if "://" in cfg.lake or cfg.lake.startswith("file:") else str(Path(cfg.lake).resolve())
-        root = registry.models_root(lake_uri, args.dataset)
-        version = args.model or (list_versions(cfg, root) or [None])[-1]
-        if version is None:
-            raise InputError(f"no registered model under {root}")
-        model_dir = f"{root}/v{version}"
-        record = json.loads(read_lake_file(cfg, f"{model_dir}/model.json"))
-        threshold = json.loads(read_lake_file(cfg, f"{model_dir}/metrics.json"))["threshold"]
-        checksums = f"{model_dir}/{registry.CHECKSUMS}"
-        fs, path = _fs(cfg, checksums)
-        model = registry.load_model_bytes(registry.verified(
-            read_lake_file(cfg, f"{model_dir}/model.keras"),
-            read_lake_file(cfg, checksums) if fs.isfile(path) else None, model_dir))
+        loaded = load(cfg, args.dataset, args.model)
     except Exception as err:  # every failure ends as one line and an exit code
         return cli.fail("predict", err)
-    known = registry.modalities(record, cfg.ingest.modality(args.dataset))
+    version, threshold, model = loaded.version, loaded.threshold, loaded.model
+    known = loaded.modalities(cfg)
     failures = mismatched = 0
     results = []
     written: set[Path] = set()
@@ -106,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             failures += 1
             mismatched += 1
             continue
-        tensor = imaging.prepare(data, record["size"], record["resize"], **registry.pixel_options(record))
+        tensor = loaded.tensor(data)
         probability = float(model.predict(np.expand_dims(tensor, 0), verbose=0).ravel()[0])
         label = "malignant" if probability >= threshold else "benign"
         result = {"image": name, "probability": round(probability, 4), "label": label}

@@ -20,18 +20,34 @@ from oncolake.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[2]
 
 
+#: Spark's JDBC/ODBC server (scripts/thrift.sh): its class ships inside pyspark's jars.
+THRIFT = "thriftserver"
+THRIFT_CLASS = "org.apache.spark.sql.hive.thriftserver.HiveThriftServer2"
+
+
 def command(job: str, args: Sequence[str], zip_path: str, python: str,
             environ: dict[str, str]) -> list[str]:
-    """The spark-submit argument list for ``job`` with its ``args``."""
-    script = Path(job).resolve() if job.endswith(".py") else ROOT / "jobs" / f"{job}.py"
-    if not script.is_file():
-        known = sorted(p.stem for p in (ROOT / "jobs").glob("*.py"))
-        raise ConfigError(f"no job {job!r}; jobs: {', '.join(known)}")
+    """The spark-submit argument list for ``job`` with its ``args``.
+
+    ``thriftserver`` is Spark's Thrift JDBC/ODBC server with the same master,
+    jars, conf and catalog as the jobs, on ``--host`` (default 127.0.0.1
+    only) and ``--port`` (default 10000).
+    """
+    if job == THRIFT:
+        script = None
+    else:
+        script = Path(job).resolve() if job.endswith(".py") else ROOT / "jobs" / f"{job}.py"
+        if not script.is_file():
+            known = sorted(p.stem for p in (ROOT / "jobs").glob("*.py"))
+            raise ConfigError(f"no job {job!r}; jobs: {', '.join(known)}")
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--master")
     pre.add_argument("--env", default="local")
     pre.add_argument("--set", action="append", default=[])
     pre.add_argument("--lake")
+    if script is None:
+        pre.add_argument("--port", type=int, default=10000)
+        pre.add_argument("--host", default="127.0.0.1")
     known, rest = pre.parse_known_args(list(args))
     overrides = known.set + ([f"lake={known.lake}"] if known.lake else [])
     cfg = config.load(known.env, overrides=overrides, environ=environ)
@@ -52,6 +68,13 @@ def command(job: str, args: Sequence[str], zip_path: str, python: str,
                                     f"-Dderby.system.home={ROOT / 'var'}"]
     for key, value in {**session.DELTA_CONF, **cfg.spark.conf}.items():
         cmd += ["--conf", f"{key}={value}"]
+    if script is None:
+        if rest:
+            raise ConfigError(f"{THRIFT} takes --master, --env, --set, --lake, --host and --port only, not {rest}")
+        return cmd + ["--class", THRIFT_CLASS, "spark-internal",
+                      "--hiveconf", f"hive.server2.thrift.bind.host={known.host}",
+                      "--hiveconf", f"hive.server2.thrift.port={known.port}",
+                      "--hiveconf", "hive.server2.transport.mode=binary"]
     job_args = ["--env", known.env, "--conf-dir", str(ROOT / "conf")] + [a for s in known.set for a in ("--set", s)]
     if known.lake:
         job_args += ["--lake", known.lake]
