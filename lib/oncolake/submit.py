@@ -71,7 +71,9 @@ def command(job: str, args: Sequence[str], zip_path: str, python: str,
     if script is None:
         if rest:
             raise ConfigError(f"{THRIFT} takes --master, --env, --set, --lake, --host and --port only, not {rest}")
-        return cmd + ["--class", THRIFT_CLASS, "spark-internal",
+        # Hive's session threads load the catalog through the system class
+        # loader, which --jars never reaches (delta-io/delta#1332).
+        return cmd + ["--driver-class-path", ":".join(jars), "--class", THRIFT_CLASS, "spark-internal",
                       "--hiveconf", f"hive.server2.thrift.bind.host={known.host}",
                       "--hiveconf", f"hive.server2.thrift.port={known.port}",
                       "--hiveconf", "hive.server2.transport.mode=binary"]
