@@ -3,7 +3,8 @@
 Starts scripts/hdfs.sh (MiniDFSCluster) and scripts/cluster.sh (master and 2
 workers of 1 core), uploads a real data set with scripts/lake.sh, runs every
 job through scripts/submit.sh --env cluster, kills a worker while score runs,
-checks the tables through WebHDFS and Spark, and stops both, also on failure.
+checks the tables through WebHDFS, Spark and the Thrift server (scripts/thrift.sh
+--env cluster, beeline), and stops them all, also on failure.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import pyspark
 import pytest
 
 from oncolake import lakectl
@@ -213,6 +215,26 @@ def test_pipeline_on_cluster_with_lake_on_hdfs(stack, spark, tmp_path):
     assert predictions.count() == 555
     assert predictions.select("image_id", "model_version").distinct().count() == 555
     assert predictions.filter("probability IS NULL").count() == 0
+
+    # analysts' JDBC endpoint on the cluster, over the lake on HDFS
+    env = {"ONCOLAKE_THRIFT_DIR": str(tmp_path / "thrift")}
+    port = "10017"
+    started = subprocess.run([str(SCRIPTS / "thrift.sh"), "start", "--env", "cluster", "--lake", lake,
+                              "--port", port], capture_output=True, text=True, env={**_env(), **env}, timeout=300)
+    try:
+        assert started.returncode == 0, started.stderr[-3000:]
+        beeline = subprocess.run([str(ROOT / ".venv" / "bin" / "beeline"), "-u", started.stdout.split()[-1],
+                                  "--silent=true", "--outputformat=csv2", "--showHeader=false", "-e",
+                                  "SELECT count(*), count(DISTINCT image_id) FROM oncolake.latest_predictions"],
+                                 capture_output=True, text=True, timeout=300,
+                                 env={**_env(), "SPARK_HOME": str(Path(pyspark.__file__).parent)})
+        assert beeline.returncode == 0, beeline.stderr[-3000:]
+        assert "555,555" in beeline.stdout.split(), beeline.stdout[-2000:]  # beeline echoes its prompt too
+        app = (tmp_path / "thrift" / "thrift.log").read_text()
+        assert "spark://127.0.0.1:7077" in app or "Connected to Spark cluster" in app, app[-3000:]
+    finally:
+        subprocess.run([str(SCRIPTS / "thrift.sh"), "stop", "--port", port], env={**_env(), **env}, timeout=120)
+    assert not _listening(int(port))
 
 
 def _client():

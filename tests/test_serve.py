@@ -498,3 +498,35 @@ def test_web_page_signs_in_uploads_and_shows_the_prediction(api):
     direct = httpx.post(f"{api['base']}/predict", params={"dataset": "syn"}, headers=bearer(token(api["base"], "cleo")),
                         files={"file": ("p.png", image.read_bytes(), "image/png")}, timeout=60).json()
     assert probability == pytest.approx(direct["probability"], abs=5e-4) and label == direct["label"]
+
+
+# --- the nightly job, exporting (last: it adds a night and a date to the served lake) ----------------
+
+
+def test_nightly_exports_the_nights_predictions_when_configured(api, served_lake, postgres, tmp_path):
+    import httpx
+    from deltalake import DeltaTable
+    from jobs import nightly as nightly_job
+    incoming = synthetic.write_dataset(tmp_path / "incoming", groups=3, per_group=2, seed=31, start=90)
+    before = {(r[1], r[2]) for r in _table(postgres)}
+    args = ["--lake", served_lake["dir"], "--set", "nightly.dataset=syn", "--set", f"nightly.incoming={incoming}",
+            "--set", "nightly.export=true", *postgres["sets"]]
+    night = _quiet(nightly_job, *args)
+    # version 2, registered by the upload test, scores every date, tonight's among them
+    assert (night["ingested"], night["errors"]) == (6, 0) and night["scored"] >= 6
+
+    # PostgreSQL now holds exactly the lake's predictions (delta-rs), tonight's among them
+    predictions = DeltaTable(served_lake["uri"].replace("file:", "") + "/gold/predictions").to_pandas()
+    after = {(r[1], r[2]) for r in _table(postgres)}
+    assert after == set(zip(predictions["image_id"], predictions["model_version"]))
+    assert night["exported"] == night["scored"] == len(after - before)
+    names = {r[7].split("/")[-1] for r in _table(postgres) if (r[1], r[2]) in after - before}
+    assert names >= {p.name for p in incoming.rglob("*.png")} and len(names) == night["scored"]
+
+    again = _quiet(nightly_job, *args)  # nothing new tonight: nothing scored, nothing exported
+    assert (again["ingested"], again["scored"], again["exported"]) == (0, 0, 0)
+    assert {(r[1], r[2]) for r in _table(postgres)} == after
+
+    nights = httpx.get(f"{api['base']}/nights", params={"dataset": "syn"}, headers=bearer(token(api["base"], "ana")),
+                       timeout=30).json()["nights"]
+    assert [(n["ingested"], n["scored"]) for n in nights] == [(0, 0), (6, night["scored"])]  # newest first
