@@ -123,22 +123,6 @@ class Connections:
                 self._idle.put(conn)
 
 
-def _offline_docs(app: FastAPI) -> None:
-    """Swagger UI at /docs from the swagger-ui-bundle wheel: FastAPI's own /docs loads it from a CDN."""
-    import swagger_ui_bundle
-    from fastapi.openapi.docs import get_swagger_ui_html
-    from fastapi.staticfiles import StaticFiles
-
-    app.mount("/docs-assets", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-assets")
-
-    @app.get("/docs", include_in_schema=False)
-    def docs() -> HTMLResponse:
-        return get_swagger_ui_html(openapi_url=app.openapi_url, title="oncolake API (research and education only)",
-                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
-                                   swagger_css_url="/docs-assets/swagger-ui.css",
-                                   swagger_favicon_url="/docs-assets/favicon-32x32.png")
-
-
 def create_app(cfg: Config, key: bytes | None = None) -> FastAPI:
     """The app for ``cfg``; refuses (ConfigError) without a usable signing key."""
     key = key if key is not None else auth.load_key(cfg.serve.jwt_key_file)
@@ -149,8 +133,7 @@ def create_app(cfg: Config, key: bytes | None = None) -> FastAPI:
     lake_uri = predict.lake_root(cfg)
     app = FastAPI(title="oncolake", version="1", description=f"**{NOTICE}**\n\nPredictions, models and nights of "
                   "the oncolake data lake. Sign in at `/auth/token` (OAuth2 password flow) and send the token "
-                  "as `Authorization: Bearer ...`.", docs_url=None, redoc_url=None)
-    _offline_docs(app)
+                  "as `Authorization: Bearer ...`.")
     app.add_middleware(UploadLimit, limit=cfg.serve.max_upload_bytes)
     app.state.models = cache
 
