@@ -128,3 +128,51 @@ def test_exif_orientation_is_applied(tmp_path):
 def test_bad_policy_is_a_value_error():
     with pytest.raises(ValueError, match="resize policy"):
         imaging.resize(rgb_image(), 8, "squash")
+
+
+def photo_like(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """Smooth structure plus fine noise, like a dermoscopy photograph (random noise alone is not)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = np.stack([128 + 90 * np.sin(xx / (w / 7) + c) * np.cos(yy / (h / 5) - c) for c in (0.0, 1.0, 2.0)], -1)
+    cv2.circle(base, (w // 2, h // 2), min(h, w) // 4, (40, 20, 60), -1)
+    return np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("width,height,size,policy,factor", [
+    (4000, 3000, 224, "stretch", 8), (4000, 3000, 224, "crop", 8), (1000, 900, 224, "stretch", 4),
+    (600, 450, 224, "stretch", 2), (600, 450, 128, "stretch", 2), (600, 450, 112, "stretch", 4),
+    (300, 200, 224, "stretch", 1), (3000, 300, 224, "pad", 8), (3000, 300, 224, "stretch", 1)])
+def test_reduction_leaves_at_least_the_target_side(width, height, size, policy, factor):
+    assert imaging.reduction(width, height, size, policy) == factor
+
+
+@pytest.mark.parametrize("policy", imaging.RESIZE_POLICIES)
+def test_large_jpeg_decodes_at_reduced_scale_within_two_grey_levels(policy):
+    data = encode(photo_like(1500, 2000), ".jpg")
+    reduced, full = imaging.prepare(data, 128, policy), imaging.prepare(data, 128, policy, reduced=False)
+    # independently: libjpeg's 1/8 DCT scaling (1500 // 8 >= 128), then the same area resize
+    small = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_REDUCED_COLOR_8), cv2.COLOR_BGR2RGB)
+    assert small.shape == (188, 250, 3)
+    np.testing.assert_array_equal(reduced, imaging.resize(small, 128, policy))
+    assert np.abs(reduced.astype(int) - full.astype(int)).mean() <= 2.0
+    # PNG has no DCT: decoded whole, so the same pixels give what the full JPEG path gives
+    assert imaging.prepare(encode(photo_like(300, 400), ".png"), 128).shape == (128, 128, 3)
+
+
+def test_reduced_decoding_keeps_exif_orientation(tmp_path):
+    wide = photo_like(600, 1200)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(wide).save(tmp_path / "o.jpg", exif=exif, quality=90)
+    data = (tmp_path / "o.jpg").read_bytes()
+    assert imaging.decode_rgb(data, 64).shape == (150, 75, 3)  # 1/8 of 1200 x 600, turned upright
+    full = imaging.prepare(data, 64, reduced=False)
+    assert np.abs(imaging.prepare(data, 64).astype(int) - full.astype(int)).mean() <= 2.0
+
+
+def test_large_jpeg_validated_at_reduced_scale_keeps_full_size_facts_and_catches_truncation():
+    data = encode(photo_like(1500, 2000, seed=3), ".jpg")
+    result = imaging.inspect(data, **LIMITS)
+    assert (result.ok, result.width, result.height, result.channels, result.bit_depth) == (True, 2000, 1500, 3, 8)
+    assert imaging.inspect(data[: len(data) * 2 // 3], **LIMITS).reason == "truncated"

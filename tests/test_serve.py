@@ -447,6 +447,11 @@ def test_predictions_models_and_nights_read_through_the_api(api, postgres):
     docs = httpx.get(f"{base}/openapi.json", timeout=30).json()
     assert {"/auth/token", "/predict", "/predictions", "/models", "/health"} <= set(docs["paths"])
     assert "research and education" in docs["info"]["description"]
+    swagger = httpx.get(f"{base}/docs", timeout=30).text
+    assert "/docs/assets/swagger-ui-bundle.js" in swagger and "cdn" not in swagger  # no CDN needed
+    bundle = httpx.get(f"{base}/docs/assets/swagger-ui-bundle.js", timeout=30)
+    assert bundle.status_code == 200 and bundle.headers["content-type"].startswith("text/javascript")
+    assert httpx.get(f"{base}/docs/assets/page.html", timeout=30).status_code == 404
 
 
 def test_web_page_signs_in_uploads_and_shows_the_prediction(api):
@@ -461,6 +466,7 @@ def test_web_page_signs_in_uploads_and_shows_the_prediction(api):
     options.binary_location = chromium
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,1400"):
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     image = api["folder"] / "page-upload.png"
     image.write_bytes(png_bytes(21))
     browser = webdriver.Chrome(service=Service(driver_path), options=options)
@@ -492,6 +498,14 @@ def test_web_page_signs_in_uploads_and_shows_the_prediction(api):
         shot = ARTIFACTS / "serve-page.png"
         browser.save_screenshot(str(shot))
         assert shot.stat().st_size > 10_000
+        # /docs renders Swagger UI from the local jar: no CDN is reachable here
+        browser.get_log("browser")  # drops the page's console so far (the wrong password's 401)
+        browser.get(api["base"] + "/docs")
+        wait.until(lambda b: any("/predict" in e.text.replace("\u200b", "")
+                                 for e in b.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")))
+        assert "research and education" in browser.find_element(By.CSS_SELECTOR, ".swagger-ui .info").text
+        assert "research and education" in browser.title
+        assert not [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     finally:
         browser.quit()
     import httpx

@@ -84,11 +84,13 @@ class PreprocessConfig:
     rows_per_row_group: int = 256
     mammo_flip_right: bool = True
     mammo_crop: bool = True
+    reduced_decode: bool = True
     require_all_splits: bool = True
 
     def pixels(self) -> dict[str, bool]:
         """The pixel options :func:`oncolake.imaging.prepare` takes; recorded with tensors and models."""
-        return {"mammo_flip_right": self.mammo_flip_right, "mammo_crop": self.mammo_crop}
+        return {"mammo_flip_right": self.mammo_flip_right, "mammo_crop": self.mammo_crop,
+                "reduced": self.reduced_decode}
 
 
 @dataclasses.dataclass(frozen=True)

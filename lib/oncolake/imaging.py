@@ -42,6 +42,13 @@ _UNSUPPORTED_MAGIC = (
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}
+_REDUCED_COLOR = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+_REDUCED_GREY = {2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
+                 8: cv2.IMREAD_REDUCED_GRAYSCALE_8}
+#: Validation decodes 8-bit JPEGs at 1/8 scale, luma only: libjpeg still
+#: entropy-decodes every block of every component (the Huffman stream is
+#: interleaved), so the whole scan is proven readable at a fraction of the cost.
+_VALIDATION_REDUCTION = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,18 +136,22 @@ def inspect(data: bytes, max_pixels: int, min_side: int) -> Inspection:
         if min(header.width, header.height) < min_side:
             raise ImageError("too_small", f"{header.width}x{header.height} is below "
                                           f"the minimum side of {min_side}")
-        array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        factor = _VALIDATION_REDUCTION if header.format == "jpeg" and header.bit_depth == 8 else 1
+        flags = _REDUCED_GREY[factor] | cv2.IMREAD_IGNORE_ORIENTATION if factor > 1 else cv2.IMREAD_UNCHANGED
+        array = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
         if array is None:
             raise ImageError("corrupt", f"the {header.format} decoder could not read the pixels")
-        if array.shape[:2] != (header.height, header.width):
-            raise ImageError("corrupt", f"decoded {array.shape[1]}x{array.shape[0]} but the "
+        expected = (-(-header.height // factor), -(-header.width // factor))  # libjpeg rounds up
+        if array.shape[:2] != expected:
+            scale = f" at 1/{factor} scale" if factor > 1 else ""
+            raise ImageError("corrupt", f"decoded {array.shape[1]}x{array.shape[0]}{scale} but the "
                                         f"header says {header.width}x{header.height}")
     except ImageError as err:
         return Inspection(False, reason=err.reason, detail=err.detail)
     except cv2.error as err:
         return Inspection(False, reason="corrupt", detail=f"decoder error: {str(err).strip()[:200]}")
     channels = header.channels or (1 if array.ndim == 2 else array.shape[2])
-    bit_depth = header.bit_depth or array.dtype.itemsize * 8
+    bit_depth = header.bit_depth or array.dtype.itemsize * 8  # (JPEG headers always give both)
     return Inspection(True, header.format, header.width, header.height, channels, bit_depth)
 
 
@@ -152,15 +163,37 @@ def _inspect_dicom(data: bytes, max_pixels: int, min_side: int) -> Inspection:
     return Inspection(True, "dicom", facts.width, facts.height, facts.samples, facts.bits_stored)
 
 
-def decode_rgb(data: bytes) -> np.ndarray:
+def reduction(width: int, height: int, size: int, policy: str = "stretch") -> int:
+    """The largest of libjpeg's DCT scalings (1/2, 1/4, 1/8) that still leaves the resize enough pixels.
+
+    The side :func:`resize` scales to ``size`` is the short one for
+    ``stretch`` and ``crop``, the long one for ``pad``; it must stay at least
+    ``size`` after the reduction, so the resize only ever shrinks.
+    """
+    side = max(width, height) if policy == "pad" else min(width, height)
+    return next((f for f in (8, 4, 2) if side // f >= size), 1)
+
+
+def decode_rgb(data: bytes, size: int | None = None, policy: str = "stretch") -> np.ndarray:
     """Decode to 8-bit RGB, HxWx3, with EXIF orientation applied.
 
     Grayscale is replicated, alpha dropped, 16-bit scaled to 8-bit and CMYK
-    converted, all by OpenCV's colour path. Raises :class:`ImageError`.
+    converted, all by OpenCV's colour path. Given the target ``size`` (and the
+    resize policy), an 8-bit JPEG is decoded at reduced scale in the DCT
+    domain (:func:`reduction`): a 12-megapixel photograph bound for 224 x 224
+    never exists at full size. Raises :class:`ImageError`.
     """
     if not data:
         raise ImageError("empty", "the file has no bytes")
-    array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    flags = cv2.IMREAD_COLOR
+    if size is not None and sniff(data) == "jpeg":
+        try:
+            header = _jpeg_header(data)
+        except (ImageError, struct.error):
+            header = None  # the decoder decides, at full scale
+        if header is not None and header.bit_depth == 8:
+            flags = _REDUCED_COLOR.get(reduction(header.width, header.height, size, policy), flags)
+    array = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     if array is None:
         raise ImageError("corrupt", "OpenCV could not decode the bytes")
     return cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
@@ -193,18 +226,22 @@ def resize(image: np.ndarray, size: int, policy: str = "stretch") -> np.ndarray:
 
 
 def prepare(data: bytes, size: int, policy: str = "stretch", *, mammo_flip_right: bool = False,
-            mammo_crop: bool = False) -> np.ndarray:
+            mammo_crop: bool = False, reduced: bool = True) -> np.ndarray:
     """Stored bytes to the model's input: uint8 RGB, ``size`` x ``size`` x 3.
 
-    DICOM: the first frame through :func:`oncolake.dicom.pixels.display`; for
-    mammograms (Modality MG) right-side views are mirrored so every breast
-    faces the same way (``mammo_flip_right``) and the image is cropped to the
-    breast (``mammo_crop``) before the resize.
+    JPEGs decode at the largest DCT reduction that still leaves at least
+    ``size`` pixels (``reduced``; False decodes at full size, for comparison:
+    docs/benchmarks.md measures both). DICOM: the first frame through
+    :func:`oncolake.dicom.pixels.display`; for mammograms (Modality MG)
+    right-side views are mirrored so every breast faces the same way
+    (``mammo_flip_right``) and the image is cropped to the breast
+    (``mammo_crop``) before the resize.
     """
     if dicom_read.is_dicom(data):
         return np.ascontiguousarray(resize(_dicom_rgb(data, size, mammo_flip_right, mammo_crop), size, policy),
                                     dtype=np.uint8)
-    return np.ascontiguousarray(resize(decode_rgb(data), size, policy), dtype=np.uint8)
+    decoded = decode_rgb(data, size, policy) if reduced else decode_rgb(data)
+    return np.ascontiguousarray(resize(decoded, size, policy), dtype=np.uint8)
 
 
 def dicom_modality(data: bytes) -> str | None:

@@ -57,8 +57,14 @@ def modalities(record: Mapping[str, Any], default: str) -> list[str]:
 
 
 def pixel_options(record: Mapping[str, Any]) -> dict[str, bool]:
-    """The :func:`oncolake.imaging.prepare` options the model's tensors were made with."""
-    return dict(record.get("pixels") or {})
+    """The :func:`oncolake.imaging.prepare` options the model's tensors were made with.
+
+    Tensors made before JPEGs were decoded at reduced scale record no
+    ``reduced``: their models keep the full-size decode they were trained on.
+    """
+    options = dict(record.get("pixels") or {})
+    options.setdefault("reduced", False)
+    return options
 
 
 #: The file beside each version that holds the SHA-256 of the model file as registered.

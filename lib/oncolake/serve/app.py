@@ -17,6 +17,7 @@ import json
 import logging
 import queue
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
-from oncolake import explain, imaging, lake, postgres, predict, registry
+from oncolake import explain, imaging, lake, postgres, predict, registry, session
 from oncolake.config import Config
 from oncolake.errors import InputError
 from oncolake.report import NOTICE
@@ -123,6 +124,66 @@ class Connections:
                 self._idle.put(conn)
 
 
+class SwaggerUi:
+    """Swagger UI's files, read from the org.webjars:swagger-ui jar scripts/setup.sh resolves (conf/jvm.txt).
+
+    FastAPI's own /docs loads them from a CDN, which hospital networks (and
+    this project's machines) often cannot reach; the jar is on disk already.
+    """
+
+    FILES = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css",
+             "favicon-32x32.png": "image/png"}
+
+    def __init__(self, jar: Path):
+        self.jar, self._cache = jar, {}
+        with zipfile.ZipFile(jar) as archive:
+            found = {n.rsplit("/", 1)[-1]: n for n in archive.namelist() if n.rsplit("/", 1)[-1] in self.FILES}
+        missing = set(self.FILES) - set(found)
+        if missing:
+            raise ValueError(f"{jar} lacks {', '.join(sorted(missing))}")
+        self._members = found
+
+    @classmethod
+    def find(cls) -> "SwaggerUi | None":
+        jars = sorted(session.jar_dir("web").glob("swagger-ui-*.jar"))
+        return cls(jars[-1]) if jars else None
+
+    def read(self, name: str) -> Response:
+        if name not in self.FILES:
+            raise ApiError(404, f"no such file: {name}")
+        if name not in self._cache:
+            with zipfile.ZipFile(self.jar) as archive:
+                self._cache[name] = archive.read(self._members[name])
+        return Response(self._cache[name], media_type=self.FILES[name],
+                        headers={"Cache-Control": "public, max-age=86400"})
+
+
+def _docs(app: FastAPI) -> None:
+    """/docs from the local Swagger UI jar; without it (set-up not run) FastAPI's CDN page."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+
+    ui = SwaggerUi.find()
+    if ui is None:
+        log.warning("no Swagger UI jar under %s (run scripts/setup.sh): /docs loads it from a CDN",
+                    session.jar_dir("web"))
+    title = "oncolake API (for research and education only; no substitute for a clinician)"
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        if ui is None:
+            return get_swagger_ui_html(openapi_url=app.openapi_url, title=title)
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title=title,
+                                   swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs/assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs/assets/favicon-32x32.png")
+
+    @app.get("/docs/assets/{name}", include_in_schema=False)
+    def asset(name: str) -> Response:
+        if ui is None:
+            raise ApiError(404, "Swagger UI's files are not installed here (run scripts/setup.sh)")
+        return ui.read(name)
+
+
 def create_app(cfg: Config, key: bytes | None = None) -> FastAPI:
     """The app for ``cfg``; refuses (ConfigError) without a usable signing key."""
     key = key if key is not None else auth.load_key(cfg.serve.jwt_key_file)
@@ -133,7 +194,8 @@ def create_app(cfg: Config, key: bytes | None = None) -> FastAPI:
     lake_uri = predict.lake_root(cfg)
     app = FastAPI(title="oncolake", version="1", description=f"**{NOTICE}**\n\nPredictions, models and nights of "
                   "the oncolake data lake. Sign in at `/auth/token` (OAuth2 password flow) and send the token "
-                  "as `Authorization: Bearer ...`.")
+                  "as `Authorization: Bearer ...`.", docs_url=None, redoc_url=None)
+    _docs(app)
     app.add_middleware(UploadLimit, limit=cfg.serve.max_upload_bytes)
     app.state.models = cache
 
