@@ -505,6 +505,7 @@ def test_web_page_signs_in_uploads_and_shows_the_prediction(api):
                                  for e in b.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")))
         assert "research and education" in browser.find_element(By.CSS_SELECTOR, ".swagger-ui .info").text
         assert "research and education" in browser.title
+        browser.save_screenshot(str(ARTIFACTS / "serve-docs.png"))
         assert not [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     finally:
         browser.quit()
