@@ -230,7 +230,7 @@ def test_a_stream_killed_part_way_and_restarted_lands_every_image_exactly_once(s
     (subset / "images").mkdir(parents=True)
     with open(data / "labels.csv", newline="") as handle:
         reader = csv.DictReader(handle)
-        rows = [row for _, row in zip(range(1500), reader)]
+        rows = [row for _, row in zip(range(400), reader)]
         fields = reader.fieldnames
     for row in rows:
         (subset / row["path"]).symlink_to((data / row["path"]).resolve())
@@ -240,10 +240,10 @@ def test_a_stream_killed_part_way_and_restarted_lands_every_image_exactly_once(s
         writer.writerows(rows)
     distinct = {sha((subset / row["path"]).read_bytes()) for row in rows}
     sent = produce(capsys, lake, topic, "ham10000", subset, subset / "labels.csv")
-    assert sent["acknowledged"] == 1500
+    assert sent["acknowledged"] == 400
 
     args = [str(ROOT / "scripts" / "submit.sh"), "stream_ingest", *sets(lake, "--topic", topic,
-            "--dataset", "ham10000", "--available-now", "--set", "stream.max_offsets_per_trigger=250")]
+            "--dataset", "ham10000", "--available-now", "--set", "stream.max_offsets_per_trigger=100")]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYSPARK", "SPARK_"))}
     job = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                            start_new_session=True)
