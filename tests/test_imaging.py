@@ -176,3 +176,24 @@ def test_large_jpeg_validated_at_reduced_scale_keeps_full_size_facts_and_catches
     result = imaging.inspect(data, **LIMITS)
     assert (result.ok, result.width, result.height, result.channels, result.bit_depth) == (True, 2000, 1500, 3, 8)
     assert imaging.inspect(data[: len(data) * 2 // 3], **LIMITS).reason == "truncated"
+
+
+def test_reduced_validation_gives_the_full_size_decodes_verdict_on_corrupted_large_jpegs():
+    data = encode(photo_like(1500, 2000, seed=3), ".jpg")
+    scan = data.index(b"\xff\xda") + 20
+    rng = np.random.default_rng(0)
+    for case in range(30):
+        broken = bytearray(data)
+        where = int(rng.integers(scan, len(data) - 5000))
+        if case % 3 == 0:      # scattered bit flips
+            for pos in rng.integers(scan, len(data) - 2, 20):
+                broken[int(pos)] ^= 1 << int(rng.integers(0, 8))
+        elif case % 3 == 1:    # a run of garbage
+            broken[where:where + 2000] = rng.integers(0, 256, 2000, dtype=np.uint8).tobytes()
+        else:                  # bytes lost from the middle
+            del broken[where:where + 3000]
+        result = imaging.inspect(bytes(broken), **LIMITS)
+        full = cv2.imdecode(np.frombuffer(bytes(broken), np.uint8), cv2.IMREAD_UNCHANGED)
+        full_ok = full is not None and full.shape[:2] == (1500, 2000)
+        assert result.ok == full_ok, (case, result)
+        assert result.ok or result.reason in imaging.REASONS
