@@ -1,4 +1,6 @@
-"""Training profile helpers: FLOPs from layers, op kinds, trace breakdown."""
+"""Training profile helpers: FLOPs from layers, op kinds, trace breakdown; peak memory."""
+import os
+
 import numpy as np
 import pytest
 
@@ -55,3 +57,19 @@ def test_trace_breakdown_of_a_real_profile(tmp_path):
     assert 0 < out["op_seconds"] and 0 < out["busy"] <= 1.5
     with pytest.raises(FileNotFoundError):
         profiling.trace_breakdown(str(tmp_path / "none"))
+
+
+def test_peak_rss_sees_a_child_that_held_200_mb_and_let_go():
+    import subprocess
+    import sys
+    import time
+    hold = ("import time; b = bytearray(200 * 2**20); b[::4096] = b'x' * len(b[::4096]); "
+            "print('held', flush=True); time.sleep(1.5)")
+    with profiling.PeakRss(os.getpid(), interval=0.05) as peak:
+        child = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
+        assert child.stdout.readline().strip() == "held"
+        child.wait(timeout=30)
+        time.sleep(0.2)
+    measured = peak.result()
+    assert 200 <= measured["python_mb"] < 400 and measured["max_python_mb"] >= 200
+    assert measured["total_mb"] >= max(measured["python_mb"], measured["jvm_mb"]) and measured["jvm_mb"] > 0

@@ -2,13 +2,15 @@
 machine's compute ceiling, and TensorFlow profiler traces summed by op kind.
 
 Used by the training job (``train.profile_steps``: rank 0 traces a few steps
-and the summary carries the split) and by ``scripts/bench.sh train``.
+and the summary carries the split) and by ``scripts/bench.sh train``; the
+benchmarks also sample peak memory with :class:`PeakRss`.
 """
 from __future__ import annotations
 
 import collections
 import glob
 import os
+import threading
 import time
 from typing import Any
 
@@ -161,3 +163,75 @@ def compute_ceiling(seconds: float = 3.0, threads: int | None = None) -> dict[st
         count += 1
     out["bf16_matmul_gflops"] = round(count * 2.0 * 2048 ** 3 / (time.perf_counter() - start) / 1e9, 1)
     return out
+
+
+class PeakRss:
+    """Peak resident memory of a JVM (Spark's driver; in local mode also the executor) and its Python processes.
+
+    Sampled from /proc every ``interval`` s while the block runs: ``jvm_mb``
+    is the JVM's peak; ``python_mb`` the peak of its descendants' sum (under
+    spark-submit, the driver's Python process and the Python workers);
+    ``max_python_mb`` the largest single one; ``total_mb`` the peak of all
+    of them together.
+    """
+
+    def __init__(self, jvm_pid: int, interval: float = 0.2):
+        self.pid, self.interval = jvm_pid, interval
+        self.jvm = self.workers = self.worker = self.total = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "PeakRss":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def result(self) -> dict[str, int]:
+        return {"jvm_mb": self.jvm >> 20, "python_mb": self.workers >> 20,
+                "max_python_mb": self.worker >> 20, "total_mb": self.total >> 20}
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            jvm = _rss(self.pid)
+            workers = [_rss(p) for p in _descendants(self.pid, _process_tree())]
+            self.jvm, self.workers = max(self.jvm, jvm), max(self.workers, sum(workers))
+            self.worker, self.total = max([self.worker, *workers]), max(self.total, jvm + sum(workers))
+            self._stop.wait(self.interval)
+
+
+def _process_tree() -> dict[int, list[int]]:
+    """Parent pid -> child pids, from /proc."""
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue  # gone since listed
+            tree.setdefault(parent, []).append(int(entry))
+    return tree
+
+
+def _descendants(pid: int, tree: dict[int, list[int]]) -> list[int]:
+    found, todo = [], list(tree.get(pid, []))
+    while todo:
+        child = todo.pop()
+        found.append(child)
+        todo += tree.get(child, [])
+    return found
+
+
+def _rss(pid: int) -> int:
+    """Resident bytes of ``pid`` (0 once it has exited)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0

@@ -23,11 +23,10 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from oncolake import cli, imaging, ingest, preprocess, session
+from oncolake import cli, imaging, ingest, preprocess, profiling, session
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,35 +54,6 @@ def rewrite(cases: Path, out: Path, files: int) -> tuple[list[Path], int]:
     return written, sum(p.stat().st_size for p in written)
 
 
-class PeakRss:
-    """Peak resident memory of this process and its children (the JVM and its Python workers)."""
-
-    def __init__(self, pid: int):
-        import psutil
-        self.root, self.peak, self._stop = psutil.Process(pid), 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        import psutil
-        while not self._stop.is_set():
-            total = 0
-            for proc in [self.root, *self.root.children(recursive=True)]:
-                try:
-                    total += proc.memory_info().rss
-                except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
-            time.sleep(0.1)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-
 def main(argv=None) -> int:
     p = cli.parser("bench-dicom", __doc__)
     p.add_argument("--files", type=int, default=200)
@@ -101,7 +71,7 @@ def main(argv=None) -> int:
         cfg = dataclasses.replace(cfg, lake=str(work / "lake"), ingest=dataclasses.replace(cfg.ingest, dicom=dicom),
                                   preprocess=dataclasses.replace(cfg.preprocess, size=args.size))
         jvm_pid = int(spark.sparkContext._jvm.ProcessHandle.current().pid())
-        with PeakRss(jvm_pid) as memory:
+        with profiling.PeakRss(jvm_pid) as memory:
             start = time.perf_counter()
             ingested = ingest.run(spark, cfg, dataset="mammo", source=str(work / "in"),
                                   labels=str(work / "in" / "labels.csv"))
@@ -140,7 +110,7 @@ def main(argv=None) -> int:
                   "ingest_s": round(ingest_s, 1), "preprocess_s": round(preprocess_s, 1),
                   "loop_s": round(loop_s, 1), "floor_jvm_read_s": round(jvm_s, 1),
                   "floor_to_python_and_back_s": round(python_s, 1),
-                  "peak_rss_mb_jvm_and_python_workers": round(memory.peak / 2 ** 20),
+                  "peak_rss_mb_jvm_and_python_workers": memory.result()["total_mb"],
                   "driver_memory": spark.conf.get("spark.driver.memory", "default"),
                   "master": spark.sparkContext.master})
         return 0

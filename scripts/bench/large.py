@@ -13,25 +13,23 @@ invocation, each pair on the same lake and bytes:
 - ``tensor_mad``: the mean absolute difference, in grey levels, between the
   reduced and the full-size tensors of the same images (and its maximum);
 - memory: during each job, the peak resident set of the Spark JVM (driver
-  and, in local mode, executor) and of its Python workers together, sampled
-  from /proc every 0.2 s (``peak_rss_mb``).
+  and, in local mode, executor) and of its Python processes, sampled from
+  /proc every 0.2 s (``peak_rss_mb``, :class:`oncolake.profiling.PeakRss`).
 
     scripts/bench.sh large [--count 2000] [--resize 4000x3000] [--large DIR] [--size 128]
 """
 import dataclasses
 import json
 import shutil
-import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from oncolake import cli, imaging, ingest, lake, preprocess, registry, scoring, session, training
+from oncolake import cli, imaging, ingest, lake, preprocess, profiling, registry, scoring, session, training
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -60,9 +58,9 @@ def main(argv=None) -> int:
         cfg = dataclasses.replace(cfg, lake=str(work / "lake"),
                                   preprocess=dataclasses.replace(cfg.preprocess, size=args.size))
         size, policy = cfg.preprocess.size, cfg.preprocess.resize
-        peaks = {}
+        peaks, jvm = {}, int(spark.sparkContext._jvm.ProcessHandle.current().pid())
         start = time.perf_counter()
-        with PeakRss() as peak:
+        with profiling.PeakRss(jvm) as peak:
             ingested = ingest.run(spark, cfg, dataset="large", source=str(folder), labels=str(folder / "labels.csv"))
         ingest_s = time.perf_counter() - start
         peaks["ingest"] = peak.result()
@@ -72,7 +70,7 @@ def main(argv=None) -> int:
         for reduced in (False, True):
             run_cfg = dataclasses.replace(cfg, preprocess=dataclasses.replace(cfg.preprocess, reduced_decode=reduced))
             start = time.perf_counter()
-            with PeakRss() as peak:
+            with profiling.PeakRss(jvm) as peak:
                 summary = preprocess.run(spark, run_cfg, dataset="large")
             times[("preprocess", reduced)] = time.perf_counter() - start
             peaks[f"preprocess_{'reduced' if reduced else 'full'}"] = peak.result()
@@ -89,7 +87,7 @@ def main(argv=None) -> int:
                 "metrics.json": json.dumps({"threshold": 0.5}).encode()})
             lake.delete(spark, lake.table_uri(root, "gold.predictions"))
             start = time.perf_counter()
-            with PeakRss() as peak:
+            with profiling.PeakRss(jvm) as peak:
                 images["score"] = scoring.run(spark, cfg, dataset="large", score_all=True)["scored"]
             times[("score", reduced)] = time.perf_counter() - start
             peaks[f"score_{'reduced' if reduced else 'full'}"] = peak.result()
@@ -125,74 +123,6 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
         session.stop(spark)
-
-
-class PeakRss:
-    """The peak resident memory of the Spark JVM (this driver's parent) and of its Python workers.
-
-    Sampled from /proc every ``interval`` s while the block runs: ``jvm_mb``
-    is the JVM's peak, ``python_workers_mb`` the peak of the workers' sum and
-    ``max_worker_mb`` the largest single worker (this process not counted).
-    """
-
-    def __init__(self, interval: float = 0.2):
-        self.interval, self.jvm, self.workers, self.worker = interval, 0, 0, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-    def result(self) -> dict[str, int]:
-        return {"jvm_mb": self.jvm >> 20, "python_workers_mb": self.workers >> 20, "max_worker_mb": self.worker >> 20}
-
-    def _run(self) -> None:
-        jvm = os.getppid()  # spark-submit's JVM runs this driver script
-        while not self._stop.is_set():
-            children = _children()
-            self.jvm = max(self.jvm, _rss(jvm))
-            workers = [_rss(p) for p in _descendants(jvm, children) if p != os.getpid()]
-            self.workers = max(self.workers, sum(workers))
-            self.worker = max([self.worker, *workers])
-            self._stop.wait(self.interval)
-
-
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    parent = int(stat.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue  # gone since listed
-            tree.setdefault(parent, []).append(int(entry))
-    return tree
-
-
-def _descendants(pid: int, tree: dict[int, list[int]]) -> list[int]:
-    found, todo = [], list(tree.get(pid, []))
-    while todo:
-        child = todo.pop()
-        found.append(child)
-        todo += tree.get(child, [])
-    return found
-
-
-def _rss(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return 0
 
 
 def _inspect_full_size(data: bytes) -> bool:
