@@ -65,11 +65,16 @@ def test_peak_rss_sees_a_child_that_held_200_mb_and_let_go():
     import time
     hold = ("import time; b = bytearray(200 * 2**20); b[::4096] = b'x' * len(b[::4096]); "
             "print('held', flush=True); time.sleep(1.5)")
-    with profiling.PeakRss(os.getpid(), interval=0.05) as peak:
-        child = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
-        assert child.stdout.readline().strip() == "held"
-        child.wait(timeout=30)
-        time.sleep(0.2)
+    # a shell stands in for the JVM: its one descendant is the Python process holding 200 MB
+    # (this test's own process has the session's Spark JVM and workers below it)
+    parent = subprocess.Popen(["sh", "-c", '"$0" -c "$1"; :', sys.executable, hold], stdout=subprocess.PIPE, text=True)
+    try:
+        with profiling.PeakRss(parent.pid, interval=0.05) as peak:
+            assert parent.stdout.readline().strip() == "held"
+            parent.wait(timeout=30)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
     measured = peak.result()
-    assert 200 <= measured["python_mb"] < 400 and measured["max_python_mb"] >= 200
-    assert measured["total_mb"] >= max(measured["python_mb"], measured["jvm_mb"]) and measured["jvm_mb"] > 0
+    assert 200 <= measured["python_mb"] < 400 and measured["max_python_mb"] >= 200, measured
+    assert measured["jvm_mb"] < 50 and measured["total_mb"] >= measured["python_mb"], measured
