@@ -146,7 +146,11 @@ class SwaggerUi:
     @classmethod
     def find(cls) -> "SwaggerUi | None":
         jars = sorted(session.jar_dir("web").glob("swagger-ui-*.jar"))
-        return cls(jars[-1]) if jars else None
+        try:
+            return cls(jars[-1]) if jars else None
+        except (OSError, ValueError, zipfile.BadZipFile) as err:  # a damaged cache: the API still starts
+            log.warning("cannot read Swagger UI from %s: %s", jars[-1], err)
+            return None
 
     def read(self, name: str) -> Response:
         if name not in self.FILES:
