@@ -1,13 +1,17 @@
 """imaging: one synthetic image per case, expectations computed independently."""
+import os
 import struct
+import time
 import zlib
 
 import cv2
 import numpy as np
 import pytest
+import simplejpeg
 from PIL import Image
 
-from oncolake import imaging
+from oncolake import imaging, isolation
+from tests.hostile import jpeg_frame_taller, jpeg_garbled_scan, jpeg_repeated_scans, png_with_header
 
 LIMITS = {"max_pixels": 10_000_000, "min_side": 8}
 
@@ -20,15 +24,6 @@ def encode(array: np.ndarray, ext: str) -> bytes:
 
 def rgb_image(h=48, w=64, seed=0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-
-
-def png_with_header(width: int, height: int) -> bytes:
-    """A PNG whose IHDR claims width x height; its CRCs are valid, its data tiny."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
-            + chunk(b"IEND", b""))
 
 
 @pytest.mark.parametrize("ext,fmt", [(".jpg", "jpeg"), (".png", "png"), (".bmp", "bmp"), (".tif", "tiff")])
@@ -179,10 +174,19 @@ def test_large_jpeg_validated_at_reduced_scale_keeps_full_size_facts_and_catches
     assert imaging.inspect(data[: len(data) * 2 // 3], **LIMITS).reason == "truncated"
 
 
-def test_reduced_validation_gives_the_full_size_decodes_verdict_on_corrupted_large_jpegs():
+def _strict_full_decode_ok(data: bytes, shape: tuple[int, int]) -> bool:
+    """libjpeg-turbo at full size, every warning an error: the verdict validation must give."""
+    try:
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True).shape[:2] == shape
+    except ValueError:
+        return False
+
+
+def test_reduced_validation_gives_the_strict_full_size_decodes_verdict_on_corrupted_large_jpegs():
     data = encode(photo_like(1500, 2000, seed=3), ".jpg")
     scan = data.index(b"\xff\xda") + 20
     rng = np.random.default_rng(0)
+    opencv_accepted = 0
     for case in range(30):
         broken = bytearray(data)
         where = int(rng.integers(scan, len(data) - 5000))
@@ -194,7 +198,63 @@ def test_reduced_validation_gives_the_full_size_decodes_verdict_on_corrupted_lar
         else:                  # bytes lost from the middle
             del broken[where:where + 3000]
         result = imaging.inspect(bytes(broken), **LIMITS)
-        full = cv2.imdecode(np.frombuffer(bytes(broken), np.uint8), cv2.IMREAD_UNCHANGED)
-        full_ok = full is not None and full.shape[:2] == (1500, 2000)
-        assert result.ok == full_ok, (case, result)
+        assert result.ok == _strict_full_decode_ok(bytes(broken), (1500, 2000)), (case, result)
         assert result.ok or result.reason in imaging.REASONS
+        full = cv2.imdecode(np.frombuffer(bytes(broken), np.uint8), cv2.IMREAD_UNCHANGED)
+        opencv_accepted += not result.ok and full is not None and full.shape[:2] == (1500, 2000)
+    assert opencv_accepted >= 10  # refused here, though OpenCV alone would have decoded them (grey-filled)
+
+
+def test_jpeg_with_corrupt_scan_data_or_a_frame_taller_than_its_scan_is_corrupt_though_opencv_decodes_it():
+    data = encode(photo_like(480, 640, seed=5), ".jpg")
+    for bad in (jpeg_garbled_scan(data), jpeg_frame_taller(data, 200)):
+        assert cv2.imdecode(np.frombuffer(bad, np.uint8), cv2.IMREAD_COLOR) is not None  # OpenCV: "fine"
+        result = imaging.inspect(bad, **LIMITS)
+        assert (result.ok, result.reason) == (False, "corrupt"), result
+        assert result.detail.startswith("libjpeg: Corrupt JPEG data")
+
+
+def test_progressive_jpeg_of_a_thousand_repeated_scans_is_corrupt_and_slow_to_decode():
+    hostile = jpeg_repeated_scans(1000)
+    start = time.perf_counter()
+    assert cv2.imdecode(np.frombuffer(hostile, np.uint8), cv2.IMREAD_REDUCED_GRAYSCALE_8) is not None
+    result = imaging.inspect(hostile, **LIMITS)
+    assert (result.ok, result.reason) == (False, "corrupt"), result
+    assert "progression" in result.detail
+    # Each repeat is a full pass over the coefficients: seconds for 31 KB. Ingest's
+    # per-file time limit (oncolake.isolation) is what bounds such a file.
+    assert time.perf_counter() - start > 0.5
+
+
+def _slow(seconds: float) -> str:
+    time.sleep(seconds)
+    return "done"
+
+
+def _die(_: int) -> None:
+    os.abort()
+
+
+def _raise(message: str) -> None:
+    raise imaging.ImageError("corrupt", message)
+
+
+def test_isolated_call_times_out_survives_a_crashed_child_and_goes_on():
+    with isolation.Isolated(_slow, 0.5) as slow:
+        assert slow(0.0) == "done"
+        first = slow._process.pid
+        with pytest.raises(isolation.Overrun) as overrun:
+            slow(30)
+        assert overrun.value.reason == "timeout"
+        assert slow(0.0) == "done" and slow._process.pid != first  # a new child took over
+        child = slow._process
+    child.join(1)
+    assert not child.is_alive()  # closing the pipe ends the child at once
+    with isolation.Isolated(_die, 5) as dying:
+        with pytest.raises(isolation.Overrun) as crashed:
+            dying(0)
+        assert crashed.value.reason == "decoder_crash" and "SIGABRT" in crashed.value.detail
+    with isolation.Isolated(_raise, 5) as raising, pytest.raises(imaging.ImageError, match="bad bytes"):
+        raising("bad bytes")
+    assert isolation.Isolated(os.getpid, 0)() == os.getpid()  # no limit: in this process
+    assert isolation.Isolated(os.getpid, 5)() != os.getpid()

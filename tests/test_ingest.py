@@ -13,8 +13,9 @@ import pytest
 from PIL import Image
 
 from jobs import ingest as ingest_job
-from tests.conftest import last_json, shared_dataset
-from tests.test_imaging import encode, png_with_header, rgb_image
+from tests import hostile
+from tests.conftest import ROOT, last_json, shared_dataset
+from tests.test_imaging import encode, rgb_image
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 
@@ -89,12 +90,10 @@ def test_real_folder_ingests_every_image_once_with_its_label(spark, lake, capsys
 
 @pytest.fixture()
 def bad_folder(tmp_path) -> tuple[Path, dict[str, str], set[str]]:
-    """Every kind of bad and awkward input; returns (folder, expected reasons, good names)."""
+    """Awkward good files and every hostile kind (tests/hostile.py); returns (folder, expected reasons, good names)."""
     folder = tmp_path / "incoming"
     (folder / "nested" / "deeper").mkdir(parents=True)
     good = encode(rgb_image(40, 50, seed=1), ".png")
-    jpeg = encode(rgb_image(60, 60, seed=2), ".jpg")
-    png = encode(rgb_image(60, 60, seed=3), ".png")
     files = {
         "good.png": good,
         "copy of good.png": good,
@@ -103,45 +102,42 @@ def bad_folder(tmp_path) -> tuple[Path, dict[str, str], set[str]]:
         "gray.jpg": encode(rgb_image(40, 40, seed=6)[..., 0], ".jpg"),
         "rgba.png": encode(np.dstack([rgb_image(20, 20, seed=7), rgb_image(20, 20, seed=8)[..., :1]]), ".png"),
         "deep16.png": encode(rgb_image(20, 20, seed=9).astype(np.uint16) * 257, ".png"),
-        "empty.jpg": b"",
-        "truncated.jpg": jpeg[: len(jpeg) // 2],
-        "truncated.png": png[: len(png) // 2],
-        "random.jpg": np.random.default_rng(11).bytes(3000),
-        "text.png": b"this is not an image\n" * 20,
-        "bomb.png": png_with_header(100_000, 100_000),
-        "tiny.png": encode(rgb_image(4, 4), ".png"),
-        "huge.bmp": encode(rgb_image(400, 400, seed=12), ".bmp"),
+        "two\nlines.png": encode(rgb_image(24, 24, seed=10), ".png"),
         "readme.txt": b"notes\n",
     }
     for name, data in files.items():
         (folder / name).write_bytes(data)
     Image.new("CMYK", (24, 24), (0, 120, 200, 10)).save(folder / "cmyk.jpg")
-    reasons = {"empty.jpg": "empty", "truncated.jpg": "truncated", "truncated.png": "truncated",
-               "random.jpg": "corrupt", "text.png": "unsupported_format", "bomb.png": "too_large",
-               "tiny.png": "too_small", "huge.bmp": "too_large"}
+    (folder / "nested" / "up").symlink_to("..", target_is_directory=True)  # a folder loop
+    reasons = hostile.build(folder)
     if unreadable_file(folder / "unreadable.jpg"):
         reasons["unreadable.jpg"] = "unreadable"
     good_names = {"good.png", "lésion (1) été.png", "nested/deeper/Upper.JPG", "gray.jpg", "rgba.png",
-                  "deep16.png", "cmyk.jpg"}
+                  "deep16.png", "cmyk.jpg", "two\nlines.png"}
     with open(folder / "labels.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "label", "patient_id", "site"])
         writer.writerow(["lésion (1) été.png", "malignant", "p1", "back, upper"])
         writer.writerow(["good.png", "benign", "p2", "arm"])
-        writer.writerow(["gone.png", "benign", "p3", "leg"])
+        writer.writerow(["two\nlines.png", "benign", "p3", "leg"])
+        writer.writerow(["gone.png", "benign", "p4", "leg"])
     return folder, reasons, good_names
 
 
 def test_bad_files_land_in_quarantine_and_no_good_image_is_lost(spark, lake, capsys, bad_folder):
     folder, reasons, good_names = bad_folder
     args = ["--lake", lake, "--dataset", "synthetic", "--input", str(folder),
-            "--labels", str(folder / "labels.csv"), "--set", "ingest.max_file_bytes=200000"]
+            "--labels", str(folder / "labels.csv"), *[x for kv in hostile.SETTINGS for x in ("--set", kv)]]
     code, summary, err = run(capsys, *args)
     assert code == 0, err
-    assert summary["quarantined"] == len(reasons)
+    quarantine = spark.read.format("delta").load(summary["quarantine_table"]).collect()
+    assert {r.relative_path: r.reason for r in quarantine} == reasons
+    assert all(r.detail for r in quarantine)
+    assert summary["quarantined"] == len(reasons) >= 25
     assert summary["ingested"] == len(good_names) and summary["duplicates"] == 1
     assert summary["skipped"] == 2  # readme.txt and labels.csv
     assert summary["labels_without_file"] == 1
+    assert summary["linked_folders_skipped"] == 1  # nested/up -> ..: listed once, not 40 times
 
     images = {r.relative_path: r for r in spark.read.format("delta").load(summary["table"]).collect()}
     assert set(images) == good_names
@@ -152,19 +148,24 @@ def test_bad_files_land_in_quarantine_and_no_good_image_is_lost(spark, lake, cap
     assert images["lésion (1) été.png"].label == "malignant"
     assert images["lésion (1) été.png"].group_id == "p1"
     assert images["lésion (1) été.png"].attributes == {"site": "back, upper"}
+    assert images["two\nlines.png"].label == "benign"
     assert images["gray.jpg"].label is None  # no CSV row: ingested unlabelled
     for name, row in images.items():
         assert bytes(row.content) == (folder / name).read_bytes()
-
-    quarantine = spark.read.format("delta").load(summary["quarantine_table"]).collect()
-    assert {r.relative_path: r.reason for r in quarantine} == reasons
-    assert all(r.detail for r in quarantine)
 
     code, again, err = run(capsys, *args)
     assert code == 0, err
     assert (again["ingested"], again["quarantine_added"]) == (0, 0)
     assert again["table_version"] == summary["table_version"]
     assert spark.read.format("delta").load(summary["quarantine_table"]).count() == len(reasons)
+
+
+def test_readme_lists_every_hostile_kind_with_its_reason():
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("<!-- hostile-kinds -->"):readme.index("<!-- /hostile-kinds -->")]
+    rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| `")]
+    assert [(name.strip().strip("`"), reason.strip().strip("`")) for name, _, reason in rows] == [
+        (name, reason) for name, _, reason in hostile.KINDS]
 
 
 def test_corrected_label_updates_the_row_and_new_images_append(spark, lake, capsys, tmp_path):

@@ -62,6 +62,7 @@ class IngestConfig:
     max_pixels: int = 50_000_000
     min_side: int = 8
     batch_mb: int = 64
+    decode_timeout_s: float = 60.0
     modalities: Mapping[str, str] = dataclasses.field(default_factory=dict)
     default_modality: str = "unspecified"
     dicom: DicomConfig = DicomConfig()

@@ -37,3 +37,6 @@ class ImageError(ValueError):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+    def __reduce__(self):  # crosses a pipe from an isolated decoder (oncolake.isolation)
+        return type(self), (self.reason, self.detail)

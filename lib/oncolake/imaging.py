@@ -5,6 +5,10 @@ reasons a decoder alone cannot cover: a header claiming 100000 x 100000
 pixels must be refused before a decoder allocates for it, and OpenCV decodes a
 truncated JPEG "successfully" (grey fill, a warning on stderr only), so a JPEG
 counts as complete only if an end-of-image marker follows its first scan.
+OpenCV also swallows libjpeg's warnings, so corrupt entropy-coded data or a
+frame taller than its scan decodes "fine" (padded with grey); 8-bit JPEGs are
+therefore validated by libjpeg-turbo through simplejpeg with every warning an
+error.
 
 :func:`prepare` is the one transform from stored bytes to a model tensor; the
 preprocess and scoring jobs both call it, so training and serving agree.
@@ -20,13 +24,15 @@ import zlib
 
 import cv2
 import numpy as np
+import simplejpeg
 
+from oncolake import isolation
 from oncolake.dicom import read as dicom_read
 from oncolake.errors import ImageError
 
 #: Quarantine reasons, a fixed list (docs/operations.md explains each).
 REASONS = ("empty", "unreadable", "corrupt", "truncated", "unsupported_format", "too_large", "too_small",
-           *dicom_read.REASONS)
+           *isolation.REASONS, *dicom_read.REASONS)
 RESIZE_POLICIES = ("stretch", "crop", "pad")
 SUPPORTED_FORMATS = ("jpeg", "png", "bmp", "tiff", "dicom")
 #: DICOM pixels are shrunk to this many times the model's side before any
@@ -43,12 +49,10 @@ _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}
 _REDUCED_COLOR = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
-_REDUCED_GREY = {2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
-                 8: cv2.IMREAD_REDUCED_GRAYSCALE_8}
-#: Validation decodes 8-bit JPEGs at 1/8 scale, luma only: libjpeg still
-#: entropy-decodes every block of every component (the Huffman stream is
-#: interleaved), so the whole scan is proven readable at a fraction of the cost.
+#: Validation decodes 8-bit JPEGs at 1/8 scale (:func:`_strict_jpeg`).
 _VALIDATION_REDUCTION = 8
+#: simplejpeg's output colour space for a JPEG of this many components.
+_STRICT_JPEG = {1: "GRAY", 3: "GRAY", 4: "CMYK"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,9 +140,12 @@ def inspect(data: bytes, max_pixels: int, min_side: int) -> Inspection:
         if min(header.width, header.height) < min_side:
             raise ImageError("too_small", f"{header.width}x{header.height} is below "
                                           f"the minimum side of {min_side}")
-        factor = _VALIDATION_REDUCTION if header.format == "jpeg" and header.bit_depth == 8 else 1
-        flags = _REDUCED_GREY[factor] | cv2.IMREAD_IGNORE_ORIENTATION if factor > 1 else cv2.IMREAD_UNCHANGED
-        array = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+        strict = header.format == "jpeg" and header.bit_depth == 8 and header.channels in _STRICT_JPEG
+        factor = _VALIDATION_REDUCTION if strict else 1
+        if strict:
+            array = _strict_jpeg(data, header.channels)
+        else:
+            array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
         if array is None:
             raise ImageError("corrupt", f"the {header.format} decoder could not read the pixels")
         expected = (-(-header.height // factor), -(-header.width // factor))  # libjpeg rounds up
@@ -153,6 +160,19 @@ def inspect(data: bytes, max_pixels: int, min_side: int) -> Inspection:
     channels = header.channels or (1 if array.ndim == 2 else array.shape[2])
     bit_depth = header.bit_depth or array.dtype.itemsize * 8  # (JPEG headers always give both)
     return Inspection(True, header.format, header.width, header.height, channels, bit_depth)
+
+
+def _strict_jpeg(data: bytes, channels: int) -> np.ndarray:
+    """Decode at 1/8 scale (luma, or CMYK as stored) with libjpeg's warnings as errors.
+
+    libjpeg still entropy-decodes every block of every component at 1/8 (the
+    Huffman stream is interleaved), so the whole scan is proven readable.
+    """
+    try:
+        return simplejpeg.decode_jpeg(data, colorspace=_STRICT_JPEG[channels], min_height=1, min_width=1,
+                                      min_factor=_VALIDATION_REDUCTION, strict=True)
+    except ValueError as err:
+        raise ImageError("corrupt", f"libjpeg: {str(err).strip()[:200]}") from err
 
 
 def _inspect_dicom(data: bytes, max_pixels: int, min_side: int) -> Inspection:
@@ -293,7 +313,7 @@ def _jpeg_header(data: bytes) -> Header:
     pos, end = 2, len(data)
     frame = None
     while True:
-        if pos + 4 > end:
+        if pos + 2 > end:
             raise ImageError("truncated", "JPEG ends before its first scan")
         if data[pos] != 0xFF:
             raise ImageError("corrupt", f"JPEG marker expected at byte {pos}")
@@ -305,7 +325,9 @@ def _jpeg_header(data: bytes) -> Header:
             pos += 2
             continue
         if marker == 0xD9:
-            raise ImageError("corrupt", "JPEG ends before any scan")
+            raise ImageError("corrupt", "JPEG ends before any scan (an EXIF thumbnail alone is not an image)")
+        if pos + 4 > end:
+            raise ImageError("truncated", "JPEG ends before its first scan")
         length = struct.unpack(">H", data[pos + 2:pos + 4])[0]
         if marker in _JPEG_SOF:
             if pos + 10 > end:

@@ -21,6 +21,7 @@ import datetime as dt
 import functools
 import hashlib
 import logging
+import os
 import urllib.parse
 from functools import partial
 from typing import Any, Iterator
@@ -30,7 +31,7 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from oncolake import imaging, lake, schema, timing
+from oncolake import imaging, isolation, lake, schema, timing
 from oncolake.config import Config
 from oncolake.dicom import deid as dicom_deid
 from oncolake.dicom import read as dicom_read
@@ -77,17 +78,19 @@ def run(spark: SparkSession, cfg: Config, dataset: str, source: str,
         reader = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(root)
         label_rows, label_notes = (_read_labels(spark, labels, icfg.group_columns) if labels
                                    else (None, {"labels_refused": 0, "labels_conflicting_paths": 0}))
-        listing = _with_relative_path(reader.select("path", "length"), root)
+        linked, dead = links(root)
+        listing = _with_dead_links(spark, _outside(_with_relative_path(reader.select("path", "length"), root), linked),
+                                   root, dead)
         files = _classify(listing, label_rows, icfg.extensions, icfg.max_file_bytes)
         files.persist(StorageLevel.MEMORY_AND_DISK)
     try:
         with _step("classify"):
             stats, odd = _file_counts(files)
             indexed = len(reader._jdf.inputFiles())  # one call to the JVM, not one per file
-            if sum(stats.values()) != indexed:
+            if sum(stats.values()) - len(dead) != indexed:
                 # Spark's scan leaves zero-length files out; only the file index has them.
                 files.unpersist()
-                listing = _with_empty_files(spark, reader, listing, root)
+                listing = _outside(_with_empty_files(spark, reader, listing, root), linked)  # dead links kept
                 files = _classify(listing, label_rows, icfg.extensions, icfg.max_file_bytes)
                 files.persist(StorageLevel.MEMORY_AND_DISK)
                 stats, odd = _file_counts(files)
@@ -98,7 +101,9 @@ def run(spark: SparkSession, cfg: Config, dataset: str, source: str,
             named = frozenset(r["path"] for r in odd_rows if r["in_csv"])
         # A Python worker gets Arrow batches of this many files: a few large
         # DICOMs per batch, a few hundred small JPEGs.
-        content = _read_content(spark, root, icfg.extensions, icfg.max_file_bytes, odd_paths)
+        content = _outside(_with_relative_path(
+            _read_content(spark, root, icfg.extensions, icfg.max_file_bytes, odd_paths), root), linked
+        ).drop("relative_path")
         landed = land(spark, cfg, files, content, dataset=dataset, now=now, day=day, modality=modality,
                       key=key, batch_rows=_batch_rows(files, icfg.batch_mb), named=named,
                       broadcast=sum(stats.values()) <= BROADCAST_FILES)
@@ -131,6 +136,7 @@ def run(spark: SparkSession, cfg: Config, dataset: str, source: str,
             "skipped": stats.get("skipped", 0) + sum(skipped_by_content.values()),
             "dicomdir_skipped": skipped_by_content.get("dicomdir", 0),
             "labels_without_file": labels_without_file,
+            "linked_folders_skipped": len(linked),
             "label_conflicts": landed.label_conflicts,
             "labels_refused": label_notes["labels_refused"],
             "labels_conflicting_paths": label_notes["labels_conflicting_paths"],
@@ -187,7 +193,7 @@ def land(spark: SparkSession, cfg: Config, files: DataFrame, content: DataFrame,
             inspected = content.mapInPandas(
                 partial(_inspect_batches, max_pixels=icfg.max_pixels, min_side=icfg.min_side, key=key,
                         pattern=dcfg.patient_id_pattern, accept_burned_in=dcfg.accept_burned_in, named=named,
-                        any_name=any_name),
+                        any_name=any_name, timeout_s=icfg.decode_timeout_s),
                 schema.INSPECTION).persist(StorageLevel.DISK_ONLY)  # de-identified files: never on the heap
             # Everything but the DICOM rows reads the small verdicts only.
             checked = inspected.drop("deidentified").persist(StorageLevel.MEMORY_AND_DISK)
@@ -266,6 +272,54 @@ def _parse_date(value: str | None) -> dt.date:
         raise ConfigError(f"--ingest-date must be YYYY-MM-DD, got {value!r}") from err
 
 
+def links(root: str) -> tuple[list[str], list[str]]:
+    """Symbolic links under a local ``root`` that listing must not take as they are.
+
+    Returns (linked folders, dead links), as paths relative to ``root``.
+    Hadoop's local file system follows every folder link, so ``a/up -> ..``
+    would list the tree again under ``a/up/a/up/...`` until the kernel's
+    link limit: a link to a folder inside the input (or to one of its
+    ancestors) reaches nothing the real folders do not, and is left out.
+    Links to folders elsewhere (a mounted archive) are followed. A link that
+    leads nowhere (dangling, or a loop of links) is not listed by Hadoop at
+    all; it is quarantined as ``unreadable`` instead of vanishing.
+    """
+    if not lake.is_local(root):
+        return [], []  # HDFS: symbolic links are off by default
+    top = urllib.parse.urlsplit(root).path or root
+    real_top = os.path.realpath(top)
+    linked, dead = [], []
+    for folder, subfolders, names in os.walk(top):  # links are listed, never entered
+        for name in subfolders:
+            path = os.path.join(folder, name)
+            if os.path.islink(path):
+                target = os.path.realpath(path)
+                if (target == real_top or target.startswith(real_top + os.sep)
+                        or real_top.startswith(target + os.sep)):
+                    linked.append(os.path.relpath(path, top))
+        dead += [os.path.relpath(os.path.join(folder, n), top) for n in names
+                 if os.path.islink(os.path.join(folder, n)) and not os.path.exists(os.path.join(folder, n))]
+    if linked:
+        log.warning("%d linked folders under %s lead back into it and are left out: %s",
+                    len(linked), root, ", ".join(sorted(linked)[:5]))
+    return sorted(linked), sorted(dead)
+
+
+def _with_dead_links(spark: SparkSession, listing: DataFrame, root: str, dead: list[str]) -> DataFrame:
+    """The listing plus the dead links, with length -1 (:func:`with_size_status` makes them ``unreadable``)."""
+    if not dead:
+        return listing
+    rows = [(f"{root}/{name}", -1, name) for name in dead]
+    return listing.unionByName(spark.createDataFrame(rows, "path string, length long, relative_path string"))
+
+
+def _outside(files: DataFrame, linked: list[str]) -> DataFrame:
+    """``files`` without the ones reached through :func:`linked_folders`."""
+    for prefix in linked:
+        files = files.filter(~F.col("relative_path").startswith(prefix + "/"))
+    return files
+
+
 def _with_relative_path(listing: DataFrame, root: str) -> DataFrame:
     # binaryFile's path column is Hadoop's Path.toString(): the folder, a slash, the name.
     return listing.withColumn("relative_path", F.expr(f"substring(path, {len(root) + 2})"))
@@ -312,8 +366,9 @@ def _read_labels(spark: SparkSession, uri: str, group_columns: tuple[str, ...]) 
     head = lake.read_head(spark, uri, 4 << 20)
     encoding = _csv_encoding(head)
     try:
+        # multiLine: a quoted field may hold a line break (a file name with a newline)
         raw = (spark.read.option("header", "true").option("escape", '"').option("mode", "FAILFAST")
-               .option("encoding", encoding).csv(uri))
+               .option("multiLine", "true").option("encoding", encoding).csv(uri))
         # a byte-order mark, or spaces, around a column name are not part of it
         raw = raw.toDF(*[c.replace("\ufeff", "").strip() for c in raw.columns])
         columns = raw.columns
@@ -386,9 +441,10 @@ def _classify(listing: DataFrame, labels: DataFrame | None, extensions: tuple[st
 
 def with_size_status(files: DataFrame, max_bytes: int) -> DataFrame:
     """Complete ``status`` (kept where already set) with ``empty``, ``too_large`` or ``read``, and ``status_detail``."""
-    status = (F.when(F.col("status").isNotNull(), F.col("status")).when(F.col("length") == 0, "empty")
-              .when(F.col("length") > max_bytes, "too_large").otherwise("read"))
+    status = (F.when(F.col("status").isNotNull(), F.col("status")).when(F.col("length") < 0, "unreadable")
+              .when(F.col("length") == 0, "empty").when(F.col("length") > max_bytes, "too_large").otherwise("read"))
     detail = (F.when(F.col("status_detail").isNotNull() & F.col("status").isNotNull(), F.col("status_detail"))
+              .when(F.col("length") < 0, F.lit("a symbolic link that leads nowhere (dangling, or a loop of links)"))
               .when(F.col("length") == 0, F.lit("the file has no bytes"))
               .when(F.col("length") > max_bytes,
                     F.concat(F.lit("file of "), F.col("length").cast("string"),
@@ -431,40 +487,57 @@ def _batch_rows(files: DataFrame, batch_mb: int) -> int:
 
 def _inspect_batches(batches: Iterator[pd.DataFrame], max_pixels: int, min_side: int,
                      key: bytes | None = None, pattern: str = "", accept_burned_in: bool = False,
-                     named: frozenset[str] = frozenset(), any_name: bool = False) -> Iterator[pd.DataFrame]:
+                     named: frozenset[str] = frozenset(), any_name: bool = False,
+                     timeout_s: float = 0.0) -> Iterator[pd.DataFrame]:
     """Executor side: hash and fully validate each file.
 
     What comes back is the verdict, and for a good DICOM file its
     de-identified bytes (nothing else leaves the worker with image bytes).
+    Each file is validated in a child process limited to ``timeout_s``
+    seconds (:mod:`oncolake.isolation`): a decoder that hangs or crashes
+    costs that file (``timeout``, ``decoder_crash``), not the task.
     """
     import cv2
     cv2.setNumThreads(1)  # one task, one core
     pseudonyms = dicom_deid.Pseudonyms(key, pattern) if key else None
     deidentifier = dicom_deid.Deidentifier(pseudonyms) if key else None
-    for batch in batches:
-        rows = []
-        for path, data in zip(batch["path"], batch["content"]):
-            data = bytes(data)
-            if dicom_read.is_dicom(data):
-                rows.append({"path": path, **_inspect_dicom(data, max_pixels, min_side, pseudonyms,
-                                                             deidentifier, accept_burned_in)})
-                continue
-            if not any_name and "." not in path.rsplit("/", 1)[-1] and path not in named:  # no extension, not DICOM, not named
-                rows.append({"path": path, "reason": "not_dicom", "detail": "no extension and no DICM preamble"})
-                continue
-            result = imaging.inspect(data, max_pixels=max_pixels, min_side=min_side)
-            rows.append({
-                "path": path, "image_id": hashlib.sha256(data).hexdigest(),
-                "format": result.format, "width": result.width, "height": result.height,
-                "channels": result.channels, "bit_depth": result.bit_depth,
-                "reason": result.reason, "detail": result.detail,
-            })
-        out = pd.DataFrame(rows, columns=schema.INSPECTION.fieldNames())
-        for column in ("width", "height", "channels", "bit_depth", "dicom_bits_stored", "dicom_frames"):
-            out[column] = out[column].astype("Int32")
-        # a key missing from a row's dict is NaN to pandas; Arrow wants None for an array
-        out["dicom_pixel_spacing"] = [v if isinstance(v, list) else None for v in out["dicom_pixel_spacing"]]
-        yield out
+    verdict = partial(_verdict, max_pixels=max_pixels, min_side=min_side, pseudonyms=pseudonyms,
+                      deidentifier=deidentifier, accept_burned_in=accept_burned_in, named=named, any_name=any_name)
+    with isolation.Isolated(verdict, timeout_s) as isolated:
+        for batch in batches:
+            rows = []
+            for path, data in zip(batch["path"], batch["content"]):
+                data = bytes(data)
+                try:
+                    rows.append(isolated(path, data))
+                except isolation.Overrun as err:
+                    log.warning("%s: %s", path, err.detail)
+                    dicom = dicom_read.is_dicom(data)
+                    rows.append({"path": path, "format": "dicom" if dicom else imaging.sniff(data),
+                                 "image_id": (pseudonyms.image_id(data) if dicom and pseudonyms
+                                              else hashlib.sha256(data).hexdigest()),
+                                 "reason": err.reason, "detail": err.detail})
+            out = pd.DataFrame(rows, columns=schema.INSPECTION.fieldNames())
+            for column in ("width", "height", "channels", "bit_depth", "dicom_bits_stored", "dicom_frames"):
+                out[column] = out[column].astype("Int32")
+            # a key missing from a row's dict is NaN to pandas; Arrow wants None for an array
+            out["dicom_pixel_spacing"] = [v if isinstance(v, list) else None for v in out["dicom_pixel_spacing"]]
+            yield out
+
+
+def _verdict(path: str, data: bytes, *, max_pixels: int, min_side: int, pseudonyms, deidentifier,
+             accept_burned_in: bool, named: frozenset[str], any_name: bool) -> dict:
+    """One file's inspection row (what :func:`_inspect_batches` runs in the isolated process)."""
+    if dicom_read.is_dicom(data):
+        return {"path": path, **_inspect_dicom(data, max_pixels, min_side, pseudonyms, deidentifier,
+                                               accept_burned_in)}
+    if not any_name and "." not in path.rsplit("/", 1)[-1] and path not in named:  # no extension, not DICOM, not named
+        return {"path": path, "reason": "not_dicom", "detail": "no extension and no DICM preamble"}
+    result = imaging.inspect(data, max_pixels=max_pixels, min_side=min_side)
+    return {"path": path, "image_id": hashlib.sha256(data).hexdigest(),
+            "format": result.format, "width": result.width, "height": result.height,
+            "channels": result.channels, "bit_depth": result.bit_depth,
+            "reason": result.reason, "detail": result.detail}
 
 
 def _inspect_dicom(data: bytes, max_pixels: int, min_side: int, pseudonyms, deidentifier,
