@@ -13,7 +13,7 @@ from jobs import ingest as ingest_job
 from jobs import preprocess as preprocess_job
 from jobs import score as score_job
 from oncolake import config, evaluation, imaging, lake, registry, synthetic, training
-from tests.conftest import last_json
+from tests.conftest import ROOT, last_json
 from tests.test_stream import broker  # noqa: F401  (a fixture: the Kafka broker)
 
 
@@ -167,7 +167,7 @@ def test_catalog_views_answer_counts_and_joins_and_delta_rs_agrees(spark, capsys
 def test_predict_sh_prints_probability_label_and_version(spark, tmp_path, capsys, scored_lake):
     import subprocess
 
-    from tests.conftest import ROOT
+
     lake_dir, lake_uri, model_dir = scored_lake
     image = next(p for p in (tmp_path / "2026-05-01").glob("*.png"))
     text = tmp_path / "note.png"
@@ -218,7 +218,7 @@ def test_a_dicom_night_scored_by_a_model_of_another_modality_is_refused_row_by_r
     import subprocess
 
     from tests import dicomfiles
-    from tests.conftest import ROOT
+
     lake_dir, lake_uri, _ = scored_lake  # the model knows the synthetic images' modality, "unspecified"
     folder = tmp_path / "mammo-night"
     for i in range(3):
@@ -252,7 +252,7 @@ def test_a_tampered_model_file_is_refused_before_it_is_loaded(spark, tmp_path, c
     import subprocess
     from pathlib import Path
 
-    from tests.conftest import ROOT
+
     lake_dir, lake_uri, model_dir = scored_lake
     folder = Path(model_dir.removeprefix("file:"))
     original = (folder / "model.keras").read_bytes()
@@ -295,3 +295,53 @@ def test_nightly_takes_the_nights_images_from_a_kafka_topic(spark, tmp_path, cap
     assert (first["ingested"], first["scored"], first["errors"]) == (6, 46, 0)
     second = run(nightly_job, capsys, *args)  # nothing published since: nothing ingested or scored
     assert (second["ingested"], second["scored"]) == (0, 0)
+
+
+def _together(barrier: str, folder, *commands: list[str]) -> list[tuple[int, dict | None, str]]:
+    """Run spark-submit jobs at once; each waits at the named barrier until all are there."""
+    import os
+    import subprocess
+    env = {**os.environ, "ONCOLAKE_BARRIER": f"{barrier}:{len(commands)}:{folder}"}
+    procs = [subprocess.Popen([str(ROOT / "scripts" / "submit.sh"), *cmd], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for cmd in commands]
+    results = []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=600)
+        finally:
+            proc.kill()
+        results.append((proc.returncode, last_json(out) if proc.returncode == 0 else None, err))
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_two_ingests_and_two_scorings_at_once_commit_every_row_exactly_once(spark, tmp_path, scored_lake):
+    lake_dir, lake_uri, _ = scored_lake
+    night = synthetic.write_dataset(tmp_path / "night", groups=15, per_group=2, seed=5, start=100)
+    names = sorted(p.name for p in night.glob("*.png"))
+    halves = [tmp_path / "first", tmp_path / "second"]
+    for half, chosen in zip(halves, (names[:20], names[10:])):  # 10 images in both
+        half.mkdir()
+        for name in chosen:
+            shutil.copyfile(night / name, half / name)
+
+    ingests = _together("ingest.merge", tmp_path / "barrier-ingest", *[
+        ["ingest", "--lake", lake_dir, "--dataset", "syn", "--input", str(half), "--ingest-date", "2026-05-03"]
+        for half in halves])
+    for code, _, err in ingests:
+        assert code == 0, err[-3000:]
+    assert any("lost a concurrent commit" in err for _, _, err in ingests)  # they did collide, and retried
+    bronze = spark.read.format("delta").load(f"{lake_uri}/bronze/images").filter("ingest_date = '2026-05-03'")
+    assert bronze.count() == bronze.select("image_id").distinct().count() == 30
+    assert sum(s["ingested"] for _, s, _ in ingests) == 30  # each counts its own commits, not the other's
+
+    scorings = _together("score.merge", tmp_path / "barrier-score",
+                         *[["score", "--lake", lake_dir, "--dataset", "syn"]] * 2)
+    for code, _, err in scorings:
+        assert code == 0, err[-3000:]
+    assert any("lost a concurrent commit" in err for _, _, err in scorings)
+    predictions = spark.read.format("delta").load(f"{lake_uri}/gold/predictions")
+    keys = predictions.select("image_id", "model_version", "ingest_date")
+    assert predictions.count() == keys.distinct().count() == 40 + 30
+    assert sum(s["scored"] for _, s, _ in scorings) == 70

@@ -31,7 +31,7 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from oncolake import imaging, isolation, lake, schema, timing
+from oncolake import faults, imaging, isolation, lake, schema, timing
 from oncolake.config import Config
 from oncolake.dicom import deid as dicom_deid
 from oncolake.dicom import read as dicom_read
@@ -222,7 +222,7 @@ def land(spark: SparkSession, cfg: Config, files: DataFrame, content: DataFrame,
             parts.append(deidentified.join(hint(dicom_chosen), ["path", "image_id"]).select(*columns))
         good = functools.reduce(DataFrame.unionByName, parts)
         bad = _quarantine_rows(checked, files, dataset, now, day).persist(StorageLevel.MEMORY_AND_DISK)
-        with _step("merge images"), lake.spark_conf(spark, batch):
+        with _step("merge images"), lake.spark_conf(spark, batch), lake.own_commits(spark):
             bronze = lake.ensure_delta_table(spark, bronze_uri, schema.BRONZE_IMAGES,
                                              schema.BRONZE_IMAGES_PARTITIONS)
             added = lake.add_missing_columns(spark, bronze_uri, schema.BRONZE_IMAGES)
@@ -233,7 +233,7 @@ def land(spark: SparkSession, cfg: Config, files: DataFrame, content: DataFrame,
             # and one file. Written as read, the night is spread over the tasks.
             with lake.spark_conf(spark, {"spark.databricks.delta.merge.repartitionBeforeWrite.enabled": "false"}):
                 merged = _merge_images(spark, bronze, chosen, good, dataset, bronze_uri, txn)
-        with _step("merge quarantine"):
+        with _step("merge quarantine"), lake.own_commits(spark):
             lake.ensure_delta_table(spark, quarantine_uri, schema.BRONZE_QUARANTINE,
                                     schema.BRONZE_QUARANTINE_PARTITIONS)
             reasons = {r["reason"]: r["count"] for r in bad.groupBy("reason").count().collect()}
@@ -669,6 +669,7 @@ def _merge_images(spark: SparkSession, bronze, chosen: DataFrame, rows: DataFram
         inserted = updated = 0
         before = lake.current_version(bronze)
         if distinct - present:
+            faults.barrier("ingest.merge")
             with _idempotent(spark, txn, f"images:insert:{dataset}"):
                 lake.with_retry(lambda: bronze.alias("t").merge(rows.alias("s"), on)
                                 .whenNotMatchedInsertAll().execute(), f"insert into {uri}")

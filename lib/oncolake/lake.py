@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import uuid
 from typing import Any, Callable, Iterator, TypeVar
 from urllib.parse import urlparse
 
@@ -224,18 +225,39 @@ def table_version(spark: SparkSession, uri: str) -> int:
     return int(DeltaTable.forPath(spark, uri).history(1).select("version").first()[0])
 
 
+#: Delta copies this session setting into each commit's ``userMetadata``.
+COMMIT_TAG = "spark.databricks.delta.commitInfo.userMetadata"
+
+
+@contextlib.contextmanager
+def own_commits(spark: SparkSession) -> Iterator[str]:
+    """Tag the Delta commits made in this block as this run's (:func:`commit_metrics` counts only those).
+
+    Another run writing the same table at the same time commits between our
+    ``before`` version and ours; without the tag its rows would be counted as ours.
+    """
+    tag = f"oncolake-run-{uuid.uuid4().hex}"
+    with spark_conf(spark, {COMMIT_TAG: tag}):
+        yield tag
+
+
 def commit_metric(table: DeltaTable, after_version: int, name: str) -> int:
-    """Sum of an operation metric over the commits made after ``after_version``.
+    """Sum of an operation metric over this run's commits made after ``after_version``.
 
     A MERGE with nothing to do may not commit at all, so reading only the
-    latest commit could report another run's numbers.
+    latest commit could report another run's numbers; inside
+    :func:`own_commits`, another writer's commits are left out too.
     """
     return commit_metrics(table, after_version, name)[name]
 
 
 def commit_metrics(table: DeltaTable, after_version: int, *names: str) -> dict[str, int]:
     """:func:`commit_metric` of several metrics from one read of the table's history."""
-    rows = table.history().filter(f"version > {after_version}").select("operationMetrics").collect()
+    history = table.history().filter(f"version > {after_version}")
+    tag = history.sparkSession.conf.get(COMMIT_TAG, None)
+    if tag and tag.startswith("oncolake-run-"):
+        history = history.filter(history["userMetadata"] == tag)
+    rows = history.select("operationMetrics").collect()
     return {name: sum(int((r[0] or {}).get(name, 0)) for r in rows) for name in names}
 
 

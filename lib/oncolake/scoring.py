@@ -26,7 +26,7 @@ import pandas as pd
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from oncolake import imaging, lake, registry, schema
+from oncolake import faults, imaging, lake, registry, schema
 from oncolake.config import Config
 from oncolake.errors import ConfigError, InputError
 
@@ -101,6 +101,7 @@ def run(spark: SparkSession, cfg: Config, dataset: str, model_version: int | Non
         .otherwise((F.col("probability") >= threshold).cast("int")).alias("predicted_label"),
         F.lit(threshold).alias("threshold"), "error", F.lit(now).cast("timestamp").alias("scored_at"),
         "ingest_date")
+    faults.barrier("score.merge")
     start = time.perf_counter()
     before = lake.current_version(target)
     on = (f"t.dataset = {lake.sql_string(dataset)} AND t.model_version = {int(version)} AND t.dataset = s.dataset "
@@ -109,11 +110,12 @@ def run(spark: SparkSession, cfg: Config, dataset: str, model_version: int | Non
     # memory small; a night of mammograms (10 MB each) gets a few per batch.
     largest = images.filter(in_dates).agg(F.max("size_bytes")).first()[0] or 1
     rows_per_batch = max(1, min(cfg.score.arrow_batch_rows, (cfg.ingest.batch_mb << 20) // largest))
-    with lake.spark_conf(spark, {"spark.sql.execution.arrow.maxRecordsPerBatch": str(rows_per_batch)}):
+    with lake.spark_conf(spark, {"spark.sql.execution.arrow.maxRecordsPerBatch": str(rows_per_batch)}), \
+            lake.own_commits(spark):
         lake.with_retry(lambda: target.alias("t").merge(rows.alias("s"), on).whenNotMatchedInsertAll().execute(),
                         f"insert into {predictions_uri}")
-    seconds = time.perf_counter() - start
-    inserted = lake.commit_metric(target, before, "numTargetRowsInserted")
+        seconds = time.perf_counter() - start
+        inserted = lake.commit_metric(target, before, "numTargetRowsInserted")
     tally = (target.toDF().filter((F.col("dataset") == dataset) & (F.col("model_version") == version)
                                   & in_dates & F.col("error").isNotNull())
              .agg(F.count("*").alias("errors"),

@@ -64,8 +64,9 @@ def command(job: str, args: Sequence[str], zip_path: str, python: str,
            # an embedded Derby metastore in var/ unless the configuration names a shared one
            "--conf", "spark.sql.catalogImplementation=hive",
            "--conf", f"spark.sql.warehouse.dir={ROOT / 'var' / 'warehouse'}",
-           "--driver-java-options", f"-Dlog4j2.configurationFile=file:{ROOT / 'conf' / 'log4j2.properties'} "
-                                    f"-Dderby.system.home={ROOT / 'var'}"]
+           "--driver-java-options", " ".join([
+               java_option("log4j2.configurationFile", (ROOT / "conf" / "log4j2.properties").as_uri()),
+               java_option("derby.system.home", str(ROOT / "var"))])]
     for key, value in {**session.DELTA_CONF, **cfg.spark.conf}.items():
         cmd += ["--conf", f"{key}={value}"]
     if script is None:
@@ -81,6 +82,19 @@ def command(job: str, args: Sequence[str], zip_path: str, python: str,
     if known.lake:
         job_args += ["--lake", known.lake]
     return cmd + [str(script)] + job_args + rest
+
+
+def java_option(name: str, value: str) -> str:
+    """``-Dname=value`` as one word of spark-submit's ``--driver-java-options``.
+
+    Spark's launcher splits that string on spaces unless they are quoted, so
+    a checkout under a folder with a space in its name would hand the JVM a
+    stray argument; double quotes (backslash-escaped inside) keep it whole.
+    """
+    option = f"-D{name}={value}"
+    if not any(c in option for c in " \t\"'\\"):
+        return option
+    return '"' + option.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 #: Jobs that must see the scheduler's SIGTERM themselves (a continuous stream

@@ -10,7 +10,9 @@ argued from numbers:
 - one pass: ``binaryFile`` -> ``imaging.inspect`` + SHA-256 in
   ``mapInPandas``, the bytes handed back -> the good rows to Delta (no
   listing, labels, dedup, MERGE, quarantine or counts);
-- verdicts only: ingest's own validation ``mapInPandas`` -> no-op sink;
+- verdicts only: ingest's own validation ``mapInPandas`` -> no-op sink, in the
+  Python worker (``ingest.decode_timeout_s`` 0), then isolated as ingest runs
+  it (each file in a child process, :mod:`oncolake.isolation`);
 - JVM re-read: ``binaryFile`` -> ``sha2`` -> Delta (the second read the job's
   MERGE makes).
 
@@ -68,6 +70,11 @@ def main(argv=None) -> int:
             "verdicts_only": lambda out: (files().mapInPandas(partial(ingest._inspect_batches, **limits),
                                                               schema.INSPECTION)
                                           .write.format("noop").mode("overwrite").save()),
+            # the same, each file in the child process ingest uses (oncolake.isolation)
+            "verdicts_isolated": lambda out: (
+                files().mapInPandas(partial(ingest._inspect_batches, **limits,
+                                            timeout_s=cfg.ingest.decode_timeout_s), schema.INSPECTION)
+                .write.format("noop").mode("overwrite").save()),
             "jvm_reread_sha2": lambda out: (files().select("path", "content", F.sha2("content", 256).alias("id"))
                                             .write.format("delta").save(out)),
         }
@@ -82,6 +89,7 @@ def main(argv=None) -> int:
         last = rounds[-1]
         cli.emit({"bench": "ingest_floor", "images": images, "rounds_s": rounds,
                   "one_pass_ratio_last_round": round(last["baseline_copy"] / last["one_pass"], 3),
+                  "isolation_ratio_last_round": round(last["verdicts_only"] / last["verdicts_isolated"], 3),
                   "master": spark.sparkContext.master})
         return 0
     except Exception as err:
