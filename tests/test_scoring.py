@@ -297,20 +297,33 @@ def test_nightly_takes_the_nights_images_from_a_kafka_topic(spark, tmp_path, cap
     assert (second["ingested"], second["scored"]) == (0, 0)
 
 
-def _together(barrier: str, folder, *commands: list[str]) -> list[tuple[int, dict | None, str]]:
-    """Run spark-submit jobs at once; each waits at the named barrier until all are there."""
+def _spaced_checkout(folder):
+    """This checkout's code under a folder whose names hold spaces (environment and jars linked)."""
+    checkout = folder / "my projects" / "onco lake"
+    for part in ("lib", "jobs", "conf", "scripts"):
+        shutil.copytree(ROOT / part, checkout / part, ignore=shutil.ignore_patterns("__pycache__"))
+    (checkout / ".venv").symlink_to(ROOT / ".venv")
+    (checkout / ".cache").symlink_to(ROOT / ".cache")
+    return checkout
+
+
+def _together(barrier: str, folder, *commands: list[str], roots=()) -> list[tuple[int, dict | None, str]]:
+    """Run spark-submit jobs at once (the i-th from checkout ``roots[i]``, default this one);
+    each waits at the named barrier until all are there."""
     import os
     import subprocess
     env = {**os.environ, "ONCOLAKE_BARRIER": f"{barrier}:{len(commands)}:{folder}"}
-    procs = [subprocess.Popen([str(ROOT / "scripts" / "submit.sh"), *cmd], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env) for cmd in commands]
+    roots = list(roots) + [ROOT] * (len(commands) - len(roots))
+    # spark-submit's PythonRunner merges the driver's stderr into its stdout anyway
+    procs = [subprocess.Popen([str(root / "scripts" / "submit.sh"), *cmd], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=env) for root, cmd in zip(roots, commands)]
     results = []
     for proc in procs:
         try:
-            out, err = proc.communicate(timeout=600)
+            out, _ = proc.communicate(timeout=600)
         finally:
             proc.kill()
-        results.append((proc.returncode, last_json(out) if proc.returncode == 0 else None, err))
+        results.append((proc.returncode, last_json(out) if proc.returncode == 0 else None, out))
     return results
 
 
@@ -326,9 +339,12 @@ def test_two_ingests_and_two_scorings_at_once_commit_every_row_exactly_once(spar
         for name in chosen:
             shutil.copyfile(night / name, half / name)
 
+    # One of the two is submitted from a checkout under "my projects/onco lake": paths with
+    # spaces reach spark-submit's --driver-java-options (unquoted, the JVM took "projects.onco"
+    # for its main class).
     ingests = _together("ingest.merge", tmp_path / "barrier-ingest", *[
         ["ingest", "--lake", lake_dir, "--dataset", "syn", "--input", str(half), "--ingest-date", "2026-05-03"]
-        for half in halves])
+        for half in halves], roots=[_spaced_checkout(tmp_path)])
     for code, _, err in ingests:
         assert code == 0, err[-3000:]
     assert any("lost a concurrent commit" in err for _, _, err in ingests)  # they did collide, and retried

@@ -294,14 +294,28 @@ def with_retry(action: Callable[[], T], what: str, attempts: int = 5, backoff_s:
     concurrent-modification error; the action is re-run against the new
     snapshot (callers make it idempotent: MERGE on keys, inserts guarded).
     """
-    from delta.exceptions import DeltaConcurrentModificationException
+    conflicts = _concurrent_exceptions()
     for attempt in range(1, attempts + 1):
         try:
             return action()
-        except DeltaConcurrentModificationException as err:
+        except conflicts as err:
             if attempt == attempts:
                 raise
             log.warning("%s lost a concurrent commit (%s); retry %d/%d",
                         what, type(err).__name__, attempt, attempts - 1)
             time.sleep(backoff_s * attempt)
     raise AssertionError("unreachable")
+
+
+def _concurrent_exceptions() -> tuple[type[Exception], ...]:
+    """Every Python class delta-spark raises for a lost commit race.
+
+    In delta-spark 3.3 they are siblings, not subclasses of
+    ``DeltaConcurrentModificationException``: catching that alone misses a
+    ``ConcurrentAppendException`` (two ingests into one partition).
+    """
+    from delta import exceptions
+    return tuple(getattr(exceptions, name) for name in (
+        "DeltaConcurrentModificationException", "ConcurrentWriteException", "MetadataChangedException",
+        "ProtocolChangedException", "ConcurrentAppendException", "ConcurrentDeleteReadException",
+        "ConcurrentDeleteDeleteException", "ConcurrentTransactionException"))
