@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from oncolake import calibration, config, evaluation, registry, training
+from oncolake import calibration, config, metrics, registry, training
 
 
 def _miscalibrated(n=20000, seed=0):
@@ -20,10 +20,10 @@ def test_platt_recovers_the_inverse_of_a_known_distortion():
     # logit(q) = (logit(p) - 1) / 2: a = 0.5, b = -0.5
     assert a == pytest.approx(0.5, abs=0.03) and b == pytest.approx(-0.5, abs=0.05)
     fixed = calibration.apply(reported, a, b)
-    assert evaluation.expected_calibration_error(labels, fixed) < 0.015
-    assert evaluation.expected_calibration_error(labels, reported) > 0.1
+    assert metrics.expected_calibration_error(labels, fixed) < 0.015
+    assert metrics.expected_calibration_error(labels, reported) > 0.1
     # monotone: the ranking, and so the AUC, is unchanged
-    assert evaluation.roc_auc(labels, fixed) == pytest.approx(evaluation.roc_auc(labels, reported), abs=1e-9)
+    assert metrics.roc_auc(labels, fixed) == pytest.approx(metrics.roc_auc(labels, reported), abs=1e-9)
     np.testing.assert_allclose(calibration.invert(fixed, a, b), reported, rtol=1e-6, atol=1e-9)
 
 
@@ -44,11 +44,11 @@ def test_a_map_that_would_reverse_the_ranking_is_refused():
 
 def test_expected_calibration_error_and_wilson_interval_by_hand():
     # bin [0.1, 0.2): predicted 0.15, observed 0/2; bin [0.9, 1]: predicted 0.95, observed 1/2
-    ece = evaluation.expected_calibration_error([0, 0, 1, 0], [0.15, 0.15, 0.95, 0.95])
+    ece = metrics.expected_calibration_error([0, 0, 1, 0], [0.15, 0.15, 0.95, 0.95])
     assert ece == pytest.approx(0.5 * 0.15 + 0.5 * 0.45)
-    low, high = evaluation.wilson_interval(8, 10)
+    low, high = metrics.wilson_interval(8, 10)
     assert (round(low, 4), round(high, 4)) == (0.4902, 0.9433)
-    assert evaluation.wilson_interval(0, 0) == [0.0, 1.0]
+    assert metrics.wilson_interval(0, 0) == [0.0, 1.0]
 
 
 def test_calibrated_model_applies_the_map_and_keeps_the_weights():

@@ -353,7 +353,7 @@ def test_real_mammograms_ingest_as_two_patients_and_preprocess_to_breasts(spark,
     summary = last_json(out.out)
     manifest = preprocess.read_manifest(spark, lake.qualify(spark, lake_dir), "mammo", summary["version"])
     assert manifest["modalities"] == ["MG"] and manifest["pixels"]["mammo_crop"] is True
-    tensors = f"{preprocess.tensors_root(lake.qualify(spark, lake_dir), 'mammo')}/v{summary['version']}"
+    tensors = f"{lake.tensors_root(lake.qualify(spark, lake_dir), 'mammo')}/v{summary['version']}"
     images = []
     for split in ("train", "val", "test"):
         if Path(tensors.replace("file:", ""), f"split={split}").is_dir():

@@ -1,8 +1,6 @@
 """imaging: one synthetic image per case, expectations computed independently."""
 import os
-import struct
 import time
-import zlib
 
 import cv2
 import numpy as np

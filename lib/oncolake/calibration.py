@@ -83,14 +83,14 @@ def fit(labels, probabilities, method: str = "platt", iterations: int = 100) -> 
 
 def choose(labels, probabilities, method: str) -> dict[str, Any]:
     """Fit ``method`` on validation scores; refuse a map that would reverse the ranking."""
-    from oncolake import evaluation
+    from oncolake import metrics
     a, b = fit(labels, probabilities, method)
     if a <= 0:  # a model scoring worse than chance on validation: leave it as it is
         method, a, b = "none", 1.0, 0.0
     after = apply(probabilities, a, b)
     return {"method": method, "a": a, "b": b, "fitted_on": "val",
-            "val_ece_before": evaluation.expected_calibration_error(labels, probabilities),
-            "val_ece_after": evaluation.expected_calibration_error(labels, after)}
+            "val_ece_before": metrics.expected_calibration_error(labels, probabilities),
+            "val_ece_after": metrics.expected_calibration_error(labels, after)}
 
 
 def calibrated_model(model, a: float, b: float):

@@ -1,7 +1,9 @@
 """The lake's layout and storage: URIs, Hadoop file system calls, Delta writes.
 
-Every path is a URI resolved by Hadoop on the driver (file:, hdfs:, s3a:), so
-the same code runs with the lake on local disk or on HDFS. Python code
+Every path is a URI resolved by Hadoop on the driver (file: or hdfs:), so
+the same code runs with the lake on local disk or on HDFS. Object stores
+(s3a:, gs:, abfs:) are not supported: no Hadoop connector is shipped, the
+Python side has no client for them, and nothing here is tested against one. Python code
 outside the JVM (Petastorm readers, Horovod ranks) reaches the same URIs
 through :func:`python_fs`: the local disk, or HDFS over WebHDFS, which needs
 no Hadoop client or libhdfs on the machine.
@@ -25,13 +27,35 @@ from oncolake.errors import InputError
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-#: Table name -> location under the lake root.
+#: Table name -> location under the lake root. Every path under the lake is
+#: made here: these tables, and the folders of files below.
 TABLES = {
     "bronze.images": "bronze/images",
     "bronze.quarantine": "bronze/quarantine",
     "silver.splits": "silver/splits",
     "gold.predictions": "gold/predictions",
+    "gold.nightly_runs": "gold/nightly_runs",
 }
+
+
+def tensors_root(lake_uri: str, dataset: str) -> str:
+    """The versions of a dataset's tensors (``v<N>/split=...``, Petastorm)."""
+    return f"{lake_uri.rstrip('/')}/silver/tensors/{dataset}"
+
+
+def models_root(lake_uri: str, dataset: str) -> str:
+    """The registered model versions of a dataset (``v<N>/``), and ``_runs/`` of training in progress."""
+    return f"{lake_uri.rstrip('/')}/models/{dataset}"
+
+
+def checkpoint_uri(lake_uri: str, topic: str) -> str:
+    """Where the stream of ``topic`` keeps its offsets: in the lake, next to the bronze tables."""
+    return f"{lake_uri.rstrip('/')}/bronze/_checkpoints/stream_ingest/{topic}"
+
+
+def nightly_page(lake_uri: str) -> str:
+    """The nightly run's HTML page, regenerated from ``gold.nightly_runs``."""
+    return f"{lake_uri.rstrip('/')}/reports/nightly.html"
 
 
 def _hadoop_path(spark: SparkSession, uri: str):

@@ -23,7 +23,6 @@ from oncolake.config import Config
 from oncolake.errors import ConfigError
 from oncolake.stream import ingest as stream_ingest
 
-RUNS = "gold/nightly_runs"
 
 
 def run(spark: SparkSession, cfg: Config, model_version: int | None = None) -> dict[str, Any]:
@@ -53,12 +52,12 @@ def run(spark: SparkSession, cfg: Config, model_version: int | None = None) -> d
         "model_version": scored["model_version"], "scored": scored["scored"], "errors": scored["errors"],
         "malignant_rate": None if rate is None else round(float(rate), 4),
     }
-    runs_uri = f"{lake_uri}/{RUNS}"
+    runs_uri = lake.table_uri(lake_uri, "gold.nightly_runs")
     frame = spark.createDataFrame([night], "night string, started_at string, dataset string, ingested long, "
                                            "quarantined long, model_version int, scored long, errors long, "
                                            "malignant_rate double")
     lake.append(frame, runs_uri)
-    page = f"{lake_uri}/reports/nightly.html"
+    page = lake.nightly_page(lake_uri)
     history = (spark.read.format("delta").load(runs_uri).filter(F.col("dataset") == nightly.dataset)
                .orderBy(F.col("started_at").desc()).limit(nightly.nights_shown).collect())
     lake.write_text(spark, page, _page(nightly.dataset, [r.asDict() for r in reversed(history)]))

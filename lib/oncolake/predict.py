@@ -74,7 +74,7 @@ def lake_root(cfg: Config) -> str:
 
 def newest_evaluated(cfg: Config, dataset: str) -> int:
     """The newest version with an operating threshold (evaluate has run on it)."""
-    root = registry.models_root(lake_root(cfg), dataset)
+    root = lake.models_root(lake_root(cfg), dataset)
     found = list_versions(cfg, root)
     if not found:
         raise InputError(f"no registered model under {root}")
@@ -87,7 +87,7 @@ def newest_evaluated(cfg: Config, dataset: str) -> int:
 
 def load(cfg: Config, dataset: str, version: int | None = None) -> Registered:
     """The dataset's model ``version`` (default the newest with a threshold), checksum-verified."""
-    root = registry.models_root(lake_root(cfg), dataset)
+    root = lake.models_root(lake_root(cfg), dataset)
     version = version or newest_evaluated(cfg, dataset)
     model_dir = f"{root}/v{version}"
     record = json.loads(read_lake_file(cfg, f"{model_dir}/model.json"))

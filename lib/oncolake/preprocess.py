@@ -72,19 +72,15 @@ def tensor_schema(size: int):
     ])
 
 
-def tensors_root(lake_uri: str, dataset: str) -> str:
-    return f"{lake_uri.rstrip('/')}/silver/tensors/{dataset}"
-
-
 def published_versions(spark: SparkSession, lake_uri: str, dataset: str) -> list[int]:
     """Complete versions of ``dataset``'s tensors, oldest first."""
-    root = tensors_root(lake_uri, dataset)
+    root = lake.tensors_root(lake_uri, dataset)
     found = (_VERSION.match(name) for name in lake.list_dir(spark, root))
     return sorted(int(m.group(1)) for m in found if m)
 
 
 def read_manifest(spark: SparkSession, lake_uri: str, dataset: str, version: int) -> dict[str, Any]:
-    return json.loads(lake.read_text(spark, f"{tensors_root(lake_uri, dataset)}/v{version}/manifest.json"))
+    return json.loads(lake.read_text(spark, f"{lake.tensors_root(lake_uri, dataset)}/v{version}/manifest.json"))
 
 
 def run(spark: SparkSession, cfg: Config, dataset: str) -> dict[str, Any]:
@@ -133,9 +129,9 @@ def _run(spark, cfg, dataset, lake_uri, source_version, labelled) -> dict[str, A
     for version, manifest in manifests.items():
         if manifest.get("fingerprint") == fingerprint:
             log.info("tensors v%d already hold this data and configuration", version)
-            return _summary(dataset, version, tensors_root(lake_uri, dataset), manifest, created=False)
+            return _summary(dataset, version, lake.tensors_root(lake_uri, dataset), manifest, created=False)
 
-    _sweep_abandoned(spark, tensors_root(lake_uri, dataset))
+    _sweep_abandoned(spark, lake.tensors_root(lake_uri, dataset))
     splits_uri = lake.table_uri(lake_uri, "silver.splits")
     images = labelled.filter(F.col("label").isNotNull())
     # group -> split is small: kept, so the plan and the decode see one assignment.
@@ -143,7 +139,7 @@ def _run(spark, cfg, dataset, lake_uri, source_version, labelled) -> dict[str, A
         spark, splits_uri, dataset, manifests, pcfg), pcfg).persist()
     version = (versions[-1] + 1) if versions else 1
     # Everything is built under _tmp-* (ignored by readers) and renamed into place.
-    tmp = f"{tensors_root(lake_uri, dataset)}/_tmp-v{version}-{uuid.uuid4().hex[:8]}"
+    tmp = f"{lake.tensors_root(lake_uri, dataset)}/_tmp-v{version}-{uuid.uuid4().hex[:8]}"
     try:
         meta = images.drop("content").join(F.broadcast(assignment), "group_key")
         with _step("plan"):
@@ -180,7 +176,7 @@ def _run(spark, cfg, dataset, lake_uri, source_version, labelled) -> dict[str, A
                              "image_id", "left_anti") if failed else meta
             _record_splits(spark, splits_uri, dataset, version, good)
         _publish(spark, tmp, manifest)
-        return _summary(dataset, version, tensors_root(lake_uri, dataset), manifest, created=True)
+        return _summary(dataset, version, lake.tensors_root(lake_uri, dataset), manifest, created=True)
     finally:
         assignment.unpersist()
         if lake.exists(spark, tmp):

@@ -23,17 +23,13 @@ from oncolake.errors import DataQualityError, InputError
 log = logging.getLogger(__name__)
 
 
-def models_root(lake_uri: str, dataset: str) -> str:
-    return f"{lake_uri.rstrip('/')}/models/{dataset}"
-
-
 def version_uri(lake_uri: str, dataset: str, version: int) -> str:
-    return f"{models_root(lake_uri, dataset)}/v{version}"
+    return f"{lake.models_root(lake_uri, dataset)}/v{version}"
 
 
 def versions(spark: SparkSession, lake_uri: str, dataset: str) -> list[int]:
     """Registered model versions of ``dataset``, oldest first."""
-    names = lake.list_dir(spark, models_root(lake_uri, dataset))
+    names = lake.list_dir(spark, lake.models_root(lake_uri, dataset))
     return sorted(int(n[1:]) for n in names if n.startswith("v") and n[1:].isdigit())
 
 
@@ -41,7 +37,7 @@ def latest(spark: SparkSession, lake_uri: str, dataset: str) -> int:
     """The newest registered version (the default model for evaluate and score)."""
     found = versions(spark, lake_uri, dataset)
     if not found:
-        raise InputError(f"no registered model for {dataset} under {models_root(lake_uri, dataset)}: train first")
+        raise InputError(f"no registered model for {dataset} under {lake.models_root(lake_uri, dataset)}: train first")
     return found[-1]
 
 
@@ -127,7 +123,7 @@ def register(spark: SparkSession, lake_uri: str, dataset: str, files: Mapping[st
     The model file's SHA-256 goes to ``checksums.json`` beside it; every load
     checks it (:func:`read_model_bytes`).
     """
-    root = models_root(lake_uri, dataset)
+    root = lake.models_root(lake_uri, dataset)
     tmp = f"{root}/_tmp-{os.getpid()}-{time.time_ns()}"
     if "model.keras" in files:
         files = {**files, CHECKSUMS: json.dumps(

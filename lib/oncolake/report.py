@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from oncolake import evaluation
+from oncolake import metrics
 
 NOTICE = ("For research and education only. Not a medical device and not a diagnosis; "
           "no substitute for a clinician.")
@@ -40,7 +40,7 @@ def plots(labels, scores, threshold: float, test_metrics: dict[str, Any], uncali
     y, s = np.asarray(labels), np.asarray(scores)
     out = {}
     plt, fig, ax = _figure()
-    fpr, tpr, _ = evaluation.roc_curve(y, s)
+    fpr, tpr, _ = metrics.roc_curve(y, s)
     ax.plot(fpr, tpr, label=f"AUC {test_metrics['auc']:.3f}")
     ax.plot([0, 1], [0, 1], "--", color="grey", linewidth=0.8)
     ax.scatter([1 - test_metrics["specificity"]], [test_metrics["sensitivity"]], color="red", zorder=3,
@@ -73,10 +73,10 @@ def plots(labels, scores, threshold: float, test_metrics: dict[str, Any], uncali
     plt, fig, ax = _figure()
     ax.plot([0, 1], [0, 1], "--", color="grey", linewidth=0.8)
     if uncalibrated is not None:
-        before = evaluation.calibration(y, uncalibrated)
+        before = metrics.calibration(y, uncalibrated)
         ax.plot(before["predicted"], before["observed"], "s:", color="grey",
-                label=f"before calibration (ECE {evaluation.expected_calibration_error(y, uncalibrated):.3f})")
-    cal = evaluation.calibration(y, s)
+                label=f"before calibration (ECE {metrics.expected_calibration_error(y, uncalibrated):.3f})")
+    cal = metrics.calibration(y, s)
     ax.plot(cal["predicted"], cal["observed"], "o-", label=f"model (ECE {test_metrics['ece']:.3f})")
     ax.legend(loc="upper left")
     ax.set(xlabel="mean predicted probability", ylabel="observed malignant rate",

@@ -6,7 +6,7 @@ last epoch's weights, whatever the validation said. :func:`callback` makes
 the choice explicit and independent of how training ended:
 
 - each epoch, the validation split is scored in inference mode and its exact
-  ROC AUC (:func:`oncolake.evaluation.roc_auc`, the figure evaluate reports)
+  ROC AUC (:func:`oncolake.metrics.roc_auc`, the figure evaluate reports)
   is put in the epoch's logs as ``val_auc`` for the callbacks after it
   (learning-rate schedule, early stopping) and the history;
 - with ``ema_decay > 0`` the weights scored are an exponential moving
@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from oncolake import evaluation
+from oncolake import metrics
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def callback(val_images: np.ndarray, val_labels: np.ndarray, *, ema_decay: float
                          if len(val_images) else np.zeros(0, np.float32))
                 scores = np.asarray(gather(tf.constant(local.astype(np.float32))))
                 labels = np.asarray(gather(tf.constant(np.asarray(val_labels, np.int64))))
-                auc = evaluation.roc_auc(labels, scores)
+                auc = metrics.roc_auc(labels, scores)
                 if auc > self.best_val_auc:
                     self.best_epoch, self.best_val_auc, self.best_weights = epoch + 1, auc, scored
                     if save_best is not None:

@@ -319,7 +319,7 @@ def run(spark: SparkSession, cfg: Config, dataset: str, tensors_version: int | N
         raise DataQualityError(f"no tensor dataset for {dataset}: run preprocess first")
     tensors_version = tensors_version or versions[-1]
     manifest = preprocess.read_manifest(spark, lake_uri, dataset, tensors_version)
-    tensors = f"{preprocess.tensors_root(lake_uri, dataset)}/v{tensors_version}"
+    tensors = f"{lake.tensors_root(lake_uri, dataset)}/v{tensors_version}"
     if tcfg.calibration not in calibration.METHODS:
         raise ConfigError(f"train.calibration must be one of {calibration.METHODS}, got {tcfg.calibration!r}")
     if not 0.0 <= tcfg.ema_decay < 1.0:
@@ -330,7 +330,7 @@ def run(spark: SparkSession, cfg: Config, dataset: str, tensors_version: int | N
         raise ConfigError(f"train.num_proc={num_proc} but Spark has only {slots} task slots")
     train_rows = manifest["balancing"]["after"]
     n_train = sum(int(v) for v in train_rows.values())
-    run_uri = _run_uri(spark, f"{registry.models_root(lake_uri, dataset)}/_runs", resume)
+    run_uri = _run_uri(spark, f"{lake.models_root(lake_uri, dataset)}/_runs", resume)
     spec = {
         "train_url": registry.petastorm_url(f"{tensors}/split=train"),
         "val_url": registry.petastorm_url(f"{tensors}/split=val"),

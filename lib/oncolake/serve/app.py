@@ -363,7 +363,7 @@ def create_app(cfg: Config, key: bytes | None = None) -> FastAPI:
         found = []
         datasets = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)) if fs.isdir(root) else []
         for dataset in datasets:
-            for version in predict.list_versions(cfg, registry.models_root(lake_uri, dataset)):
+            for version in predict.list_versions(cfg, lake.models_root(lake_uri, dataset)):
                 found.append(_summary(cfg, lake_uri, dataset, version))
         return {"models": found, "notice": NOTICE}
 
@@ -427,7 +427,7 @@ def _nights(cfg: Config, lake_uri: str, dataset: str | None, limit: int) -> list
     """gold.nightly_runs through delta-rs (no Spark in the API)."""
     from deltalake import DeltaTable
     from deltalake.exceptions import TableNotFoundError
-    uri = f"{lake_uri}/gold/nightly_runs"
+    uri = lake.table_uri(lake_uri, "gold.nightly_runs")
     try:
         table = DeltaTable(uri[len("file:"):] if uri.startswith("file:") else uri)
     except TableNotFoundError:

@@ -70,11 +70,6 @@ def interval(text: str) -> str:
     return f"{number} {unit}"
 
 
-def checkpoint_uri(lake_root: str, topic: str) -> str:
-    """Where the stream of ``topic`` keeps its offsets: in the lake, next to the bronze tables."""
-    return f"{lake_root}/bronze/_checkpoints/stream_ingest/{topic}"
-
-
 def run(spark: SparkSession, cfg: Config, topic: str, dataset: str | None = None,
         available_now: bool = True, trigger: str | None = None, ingest_date: str | None = None,
         stop_event: threading.Event | None = None) -> dict[str, Any]:
@@ -99,7 +94,7 @@ def run(spark: SparkSession, cfg: Config, topic: str, dataset: str | None = None
     day = ingest._parse_date(ingest_date) if ingest_date else None
     key = dicom_deid.load_key(cfg.ingest.dicom.key_file) if cfg.ingest.dicom.key_file else None
     lake_root = lake.qualify(spark, cfg.lake)
-    checkpoint = checkpoint_uri(lake_root, topic)
+    checkpoint = lake.checkpoint_uri(lake_root, topic)
     name = f"stream_ingest_{topic}"
     totals = _Totals()
     lags: dict[int, dict[str, int]] = {}
