@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from jobs import ingest as ingest_job
+from oncolake import lake
 from tests import hostile
 from tests.conftest import ROOT, last_json, shared_dataset
 from tests.test_imaging import encode, rgb_image
@@ -272,3 +273,37 @@ def test_hostile_label_files_are_read_refused_or_flagged_never_guessed(spark, la
     assert table["lésion é.png"].attributes == {"site": "dos, haut"}
     assert not any("secret" in p for p in table)
     assert len(table) == spark.read.format("delta").load(summary["table"]).count()
+
+
+@pytest.mark.faults
+def test_a_full_file_system_fails_with_one_clear_line_and_leaves_the_tables_as_they_were(spark, capsys, tmp_path):
+    import subprocess
+
+    from deltalake import DeltaTable
+    lake_dir = tmp_path / "small-lake"
+    lake_dir.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(lake_dir)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a 4 MB tmpfs needs root (CI runs as root)")
+    try:
+        small, large = tmp_path / "small", tmp_path / "large"
+        small.mkdir()
+        large.mkdir()
+        for i in range(4):
+            (small / f"s{i}.png").write_bytes(encode(rgb_image(40, 40, seed=100 + i), ".png"))
+        for i in range(30):  # 30 x 192 KB of incompressible pixels: more than the 4 MB file system holds
+            (large / f"l{i}.png").write_bytes(encode(rgb_image(256, 256, seed=200 + i), ".png"))
+        args = ["--lake", str(lake_dir), "--dataset", "d", "--ingest-date", "2026-03-01"]
+        code, first, err = run(capsys, *args, "--input", str(small))
+        assert code == 0 and first["ingested"] == 4, err
+
+        code, _, err = run(capsys, *args, "--input", str(large))
+        assert code == 1
+        last = err.strip().splitlines()[-1]
+        assert "ingest failed:" in last and "no space left on device" in last.lower(), last
+        assert spark.read.format("delta").load(first["table"]).count() == 4
+        assert spark.read.format("delta").load(first["quarantine_table"]).count() == 0
+        assert lake.table_version(spark, first["table"]) == first["table_version"]  # no half-written commit
+        assert len(DeltaTable(first["table"].replace("file:", "")).to_pandas()) == 4  # delta-rs reads it too
+    finally:
+        subprocess.run(["umount", "-l", str(lake_dir)], capture_output=True)

@@ -91,3 +91,28 @@ def test_java_options_with_spaces_or_quotes_stay_one_word():
     assert submit.java_option("derby.system.home", "/opt/oncolake/var") == "-Dderby.system.home=/opt/oncolake/var"
     assert submit.java_option("derby.system.home", "/a b/c\"d") == '"-Dderby.system.home=/a b/c\\"d"'
     # run for real: tests/test_scoring.py submits one of its concurrent jobs from a checkout under "my projects/"
+
+
+def test_run_bench_prints_the_figures_and_removes_its_scratch_folder(spark, capsys):
+    from oncolake import cli
+    args = cli.parser("bench-x", None).parse_args([])
+    seen = {}
+
+    def measure(session_, cfg, work):
+        (work / "tables").mkdir()
+        seen["work"] = work
+        return {"bench": "x", "spark": session_ is spark, "lake": cfg.lake}
+
+    assert cli.run_bench("bench-x", args, measure) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out.strip().splitlines()[-1]) == {"bench": "x", "spark": True, "lake": "lake"}
+    assert not seen["work"].exists()
+
+    def broken(session_, cfg, work):
+        seen["work"] = work
+        raise RuntimeError("disk on fire\nsecond line")
+
+    assert cli.run_bench("bench-x", args, broken) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith("bench-x failed: RuntimeError: disk on fire") and not seen["work"].exists()
+    assert spark.getActiveSession() is not None  # a borrowed session is never stopped

@@ -5,7 +5,10 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any, Callable
 
 from oncolake import config
@@ -70,9 +73,16 @@ def fail(job: str, err: BaseException) -> int:
         log.error("%s failed: %s", job, err)
         return err.exit_code
     log.debug("%s failed", job, exc_info=err)
+    if _NO_SPACE in str(err):  # deep in a Spark task's Java trace; the first line says "Job aborted"
+        log.error("%s failed: no space left on device: a file system it writes to (the lake, or spark.local.dir) "
+                  "is full; the step that failed committed nothing", job)
+        return 1
     first = (str(err).strip().splitlines() or [""])[0][:300]
     log.error("%s failed: %s: %s", job, type(err).__name__, first)
     return 1
+
+
+_NO_SPACE = "No space left on device"
 
 
 
@@ -97,3 +107,19 @@ def run_job(job: str, args: argparse.Namespace, work: Callable[[Any, config.Conf
     finally:
         if spark is not None:
             session.stop(spark)
+
+
+def run_bench(name: str, args: argparse.Namespace,
+              measure: Callable[[Any, config.Config, Path], dict[str, Any]]) -> int:
+    """:func:`run_job` for a benchmark in ``scripts/bench/``: ``measure`` also gets a scratch folder.
+
+    The folder (under the system's temporary directory) is removed when
+    ``measure`` returns or fails; the figures it returns are the JSON line.
+    """
+    def with_scratch(spark, cfg: config.Config) -> dict[str, Any]:
+        scratch = Path(tempfile.mkdtemp(prefix=f"oncolake-{name}-"))
+        try:
+            return measure(spark, cfg, scratch)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return run_job(name, args, with_scratch)

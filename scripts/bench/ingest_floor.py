@@ -20,16 +20,14 @@ argued from numbers:
         --set spark.conf.spark.driver.memory=1g [--data ../shared/data/ham10000] [--rounds 3]
 """
 import hashlib
-import shutil
 import sys
-import tempfile
 import time
 from functools import partial
 from pathlib import Path
 
 from pyspark.sql import functions as F
 
-from oncolake import cli, imaging, ingest, schema, session
+from oncolake import cli, imaging, ingest, schema
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,50 +51,45 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "ham10000"))
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args(argv)
-    cfg = cli.load_config(args)
-    spark = session.build("bench-ingest-floor", cfg)
-    work = Path(tempfile.mkdtemp(prefix="oncolake-floor-"))
+    return cli.run_bench("bench-ingest-floor", args, lambda spark, cfg, work: _measure(spark, cfg, work, args))
+
+
+def _measure(spark, cfg, work: Path, args) -> dict:
+    """The benchmark's runs in ``work`` (a scratch folder); returns the figures."""
     limits = {"max_pixels": cfg.ingest.max_pixels, "min_side": cfg.ingest.min_side}
-    try:
-        def files():
-            return (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
-                    .option("pathGlobFilter", "*.jpg").load(str(Path(args.data).resolve())))
-        images = files().count()
-        passes = {
-            "baseline_copy": lambda out: files().write.format("delta").save(out),
-            "one_pass": lambda out: (files().mapInPandas(partial(_validate_keeping_bytes, **limits),
-                                                         "path string, content binary, image_id string, reason string")
-                                     .filter("reason IS NULL").write.format("delta").save(out)),
-            "verdicts_only": lambda out: (files().mapInPandas(partial(ingest._inspect_batches, **limits),
-                                                              schema.INSPECTION)
-                                          .write.format("noop").mode("overwrite").save()),
-            # the same, each file in the child process ingest uses (oncolake.isolation)
-            "verdicts_isolated": lambda out: (
-                files().mapInPandas(partial(ingest._inspect_batches, **limits,
-                                            timeout_s=cfg.ingest.decode_timeout_s), schema.INSPECTION)
-                .write.format("noop").mode("overwrite").save()),
-            "jvm_reread_sha2": lambda out: (files().select("path", "content", F.sha2("content", 256).alias("id"))
-                                            .write.format("delta").save(out)),
-        }
-        rounds = []
-        for i in range(args.rounds):
-            seconds = {}
-            for name, run in passes.items():
-                start = time.perf_counter()
-                run(str(work / f"{name}-{i}"))
-                seconds[name] = round(time.perf_counter() - start, 2)
-            rounds.append(seconds)
-        last = rounds[-1]
-        cli.emit({"bench": "ingest_floor", "images": images, "rounds_s": rounds,
-                  "one_pass_ratio_last_round": round(last["baseline_copy"] / last["one_pass"], 3),
-                  "isolation_ratio_last_round": round(last["verdicts_only"] / last["verdicts_isolated"], 3),
-                  "master": spark.sparkContext.master})
-        return 0
-    except Exception as err:
-        return cli.fail("bench-ingest-floor", err)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        session.stop(spark)
+    def files():
+        return (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
+                .option("pathGlobFilter", "*.jpg").load(str(Path(args.data).resolve())))
+    images = files().count()
+    passes = {
+        "baseline_copy": lambda out: files().write.format("delta").save(out),
+        "one_pass": lambda out: (files().mapInPandas(partial(_validate_keeping_bytes, **limits),
+                                                     "path string, content binary, image_id string, reason string")
+                                 .filter("reason IS NULL").write.format("delta").save(out)),
+        "verdicts_only": lambda out: (files().mapInPandas(partial(ingest._inspect_batches, **limits),
+                                                          schema.INSPECTION)
+                                      .write.format("noop").mode("overwrite").save()),
+        # the same, each file in the child process ingest uses (oncolake.isolation)
+        "verdicts_isolated": lambda out: (
+            files().mapInPandas(partial(ingest._inspect_batches, **limits,
+                                        timeout_s=cfg.ingest.decode_timeout_s), schema.INSPECTION)
+            .write.format("noop").mode("overwrite").save()),
+        "jvm_reread_sha2": lambda out: (files().select("path", "content", F.sha2("content", 256).alias("id"))
+                                        .write.format("delta").save(out)),
+    }
+    rounds = []
+    for i in range(args.rounds):
+        seconds = {}
+        for name, run in passes.items():
+            start = time.perf_counter()
+            run(str(work / f"{name}-{i}"))
+            seconds[name] = round(time.perf_counter() - start, 2)
+        rounds.append(seconds)
+    last = rounds[-1]
+    return {"bench": "ingest_floor", "images": images, "rounds_s": rounds,
+            "one_pass_ratio_last_round": round(last["baseline_copy"] / last["one_pass"], 3),
+            "isolation_ratio_last_round": round(last["verdicts_only"] / last["verdicts_isolated"], 3),
+            "master": spark.sparkContext.master}
 
 
 if __name__ == "__main__":

@@ -11,14 +11,12 @@ bytes, as the job stores them) and the job's ratio to that.
 """
 import dataclasses
 import multiprocessing
-import shutil
 import sys
-import tempfile
 import time
 from functools import partial
 from pathlib import Path
 
-from oncolake import cli, imaging, ingest, preprocess, session
+from oncolake import cli, imaging, ingest, preprocess
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,45 +51,40 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "ham10000"))
     p.add_argument("--size", type=int, default=128)
     args = p.parse_args(argv)
-    cfg = cli.load_config(args)
-    spark = session.build("bench-preprocess", cfg)
-    work = Path(tempfile.mkdtemp(prefix="oncolake-bench-"))
-    try:
-        data = Path(args.data).resolve()
-        cfg = dataclasses.replace(cfg, lake=str(work / "lake"),
-                                  preprocess=dataclasses.replace(cfg.preprocess, size=args.size))
-        ingest.run(spark, cfg, dataset="bench", source=str(data), labels=str(data / "labels.csv"))
+    return cli.run_bench("bench-preprocess", args, lambda spark, cfg, work: _measure(spark, cfg, work, args))
 
-        start = time.perf_counter()
-        summary = preprocess.run(spark, cfg, dataset="bench")
-        job_s = time.perf_counter() - start
-        images = summary["train"] + summary["val"] + summary["test"]
 
-        blobs = [p.read_bytes() for p in sorted(data.rglob("*.jpg"))]
-        chunks = [blobs[i::8] for i in range(8)]
-        start = time.perf_counter()
-        with multiprocessing.get_context("spawn").Pool(2) as pool:
-            done = sum(pool.map(partial(_prepare_all, size=args.size), chunks))
-        loop_s = time.perf_counter() - start
-        start = time.perf_counter()
-        with multiprocessing.get_context("spawn").Pool(2) as pool:
-            written = sum(pool.map(partial(_prepare_and_write, size=args.size),
-                                   [(c, str(work / f"loop-{i}.parquet")) for i, c in enumerate(chunks)]))
-        write_s = time.perf_counter() - start
-        job, loop = images / job_s, done / loop_s
-        cli.emit({"bench": "preprocess", "images": images, "size": args.size,
-                  "preprocess_images_per_s": round(job, 1), "opencv_loop_2proc_images_per_s": round(loop, 1),
-                  "ratio": round(job / loop, 3), "target_ratio": 0.8,
-                  "loop_and_parquet_images_per_s": round(written / write_s, 1),
-                  "ratio_to_loop_and_parquet": round(job / (written / write_s), 3),
-                  "job_s": round(job_s, 2), "loop_s": round(loop_s, 2), "loop_and_parquet_s": round(write_s, 2),
-                  "master": spark.sparkContext.master})
-        return 0
-    except Exception as err:
-        return cli.fail("bench-preprocess", err)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        session.stop(spark)
+def _measure(spark, cfg, work: Path, args) -> dict:
+    """The benchmark's runs in ``work`` (a scratch folder); returns the figures."""
+    data = Path(args.data).resolve()
+    cfg = dataclasses.replace(cfg, lake=str(work / "lake"),
+                              preprocess=dataclasses.replace(cfg.preprocess, size=args.size))
+    ingest.run(spark, cfg, dataset="bench", source=str(data), labels=str(data / "labels.csv"))
+
+    start = time.perf_counter()
+    summary = preprocess.run(spark, cfg, dataset="bench")
+    job_s = time.perf_counter() - start
+    images = summary["train"] + summary["val"] + summary["test"]
+
+    blobs = [p.read_bytes() for p in sorted(data.rglob("*.jpg"))]
+    chunks = [blobs[i::8] for i in range(8)]
+    start = time.perf_counter()
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        done = sum(pool.map(partial(_prepare_all, size=args.size), chunks))
+    loop_s = time.perf_counter() - start
+    start = time.perf_counter()
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        written = sum(pool.map(partial(_prepare_and_write, size=args.size),
+                               [(c, str(work / f"loop-{i}.parquet")) for i, c in enumerate(chunks)]))
+    write_s = time.perf_counter() - start
+    job, loop = images / job_s, done / loop_s
+    return {"bench": "preprocess", "images": images, "size": args.size,
+            "preprocess_images_per_s": round(job, 1), "opencv_loop_2proc_images_per_s": round(loop, 1),
+            "ratio": round(job / loop, 3), "target_ratio": 0.8,
+            "loop_and_parquet_images_per_s": round(written / write_s, 1),
+            "ratio_to_loop_and_parquet": round(job / (written / write_s), 3),
+            "job_s": round(job_s, 2), "loop_s": round(loop_s, 2), "loop_and_parquet_s": round(write_s, 2),
+            "master": spark.sparkContext.master}
 
 
 if __name__ == "__main__":

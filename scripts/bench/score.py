@@ -16,15 +16,13 @@ weights). Measured, in this one invocation:
 """
 import dataclasses
 import json
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from oncolake import cli, imaging, ingest, lake, profiling, registry, scoring, session, training
+from oncolake import cli, imaging, ingest, lake, profiling, registry, scoring, training
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,80 +31,75 @@ def main(argv=None) -> int:
     p = cli.parser("bench-score", __doc__)
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "ham10000"))
     args = p.parse_args(argv)
-    cfg = cli.load_config(args)
-    spark = session.build("bench-score", cfg)
-    work = Path(tempfile.mkdtemp(prefix="oncolake-bench-"))
-    try:
-        from pyspark.sql import functions as F
-        data = Path(args.data).resolve()
-        size, policy = cfg.preprocess.size, cfg.preprocess.resize
-        full = dataclasses.replace(cfg, lake=str(work / "full"))
-        ingest.run(spark, full, dataset="bench", source=str(data), labels=str(data / "labels.csv"),
-                   ingest_date="2026-01-01")
-        model = training.build_model(size, [128.0] * 3, [64.0] * 3, cfg.train)
-        model.save(work / "model.keras")
-        files = {"model.keras": (work / "model.keras").read_bytes(),
-                 "model.json": json.dumps({"size": size, "resize": policy}).encode(),
-                 "metrics.json": json.dumps({"threshold": 0.5}).encode()}
+    return cli.run_bench("bench-score", args, lambda spark, cfg, work: _measure(spark, cfg, work, args))
 
-        def register(lake_dir: str) -> None:
-            registry.register(spark, lake.qualify(spark, lake_dir), "bench", files)
 
-        register(full.lake)
-        images = scoring.run(spark, full, dataset="bench")["scored"]  # warm-up: workers, model load
-        bronze = spark.read.format("delta").load(lake.table_uri(lake.qualify(spark, full.lake), "bronze.images"))
-        timed_job = _time(lambda: _rescore(spark, full))
+def _measure(spark, cfg, work: Path, args) -> dict:
+    """The benchmark's runs in ``work`` (a scratch folder); returns the figures."""
+    from pyspark.sql import functions as F
+    data = Path(args.data).resolve()
+    size, policy = cfg.preprocess.size, cfg.preprocess.resize
+    full = dataclasses.replace(cfg, lake=str(work / "full"))
+    ingest.run(spark, full, dataset="bench", source=str(data), labels=str(data / "labels.csv"),
+               ingest_date="2026-01-01")
+    model = training.build_model(size, [128.0] * 3, [64.0] * 3, cfg.train)
+    model.save(work / "model.keras")
+    files = {"model.keras": (work / "model.keras").read_bytes(),
+             "model.json": json.dumps({"size": size, "resize": policy}).encode(),
+             "metrics.json": json.dumps({"threshold": 0.5}).encode()}
 
-        blobs = [bytes(r.content) for r in bronze.select("content").collect()]
-        tensors = np.stack([imaging.prepare(b, size, policy) for b in blobs])
-        loaded = registry.load_model_bytes(files["model.keras"])
-        loaded.predict(tensors[:64], verbose=0)
-        bare_s = _time(lambda: loaded.predict(tensors, batch_size=cfg.score.batch_size, verbose=0))
-        del blobs, tensors
+    def register(lake_dir: str) -> None:
+        registry.register(spark, lake.qualify(spark, lake_dir), "bench", files)
 
-        udf_s = _time(lambda: _predict_batch_udf(bronze, files["model.keras"], size, policy, cfg.score.batch_size))
+    register(full.lake)
+    images = scoring.run(spark, full, dataset="bench")["scored"]  # warm-up: workers, model load
+    bronze = spark.read.format("delta").load(lake.table_uri(lake.qualify(spark, full.lake), "bronze.images"))
+    timed_job = _time(lambda: _rescore(spark, full))
 
-        dated = bronze.withColumn("ingest_date", F.expr("date_add(DATE'2026-01-01', CAST(pmod(xxhash64(image_id), 31) AS INT))"))
-        history = dataclasses.replace(cfg, lake=str(work / "history"))
-        alone = dataclasses.replace(cfg, lake=str(work / "alone"))
-        bronze_path = lambda c: lake.table_uri(lake.qualify(spark, c.lake), "bronze.images")  # noqa: E731
-        dated.filter("ingest_date < DATE'2026-01-31'").write.format("delta").partitionBy(
-            "dataset", "ingest_date").save(bronze_path(history))
-        register(history.lake)
-        scoring.run(spark, history, dataset="bench")                     # 30 nights already scored
-        new_night = dated.filter("ingest_date = DATE'2026-01-31'")
-        new_night.write.format("delta").mode("append").save(bronze_path(history))
-        new_night.write.format("delta").partitionBy("dataset", "ingest_date").save(bronze_path(alone))
-        register(alone.lake)
-        incremental = {}
-        incremental_s = _time(lambda: incremental.update(scoring.run(spark, history, dataset="bench")))
-        alone_s = _time(lambda: scoring.run(spark, alone, dataset="bench"))
+    blobs = [bytes(r.content) for r in bronze.select("content").collect()]
+    tensors = np.stack([imaging.prepare(b, size, policy) for b in blobs])
+    loaded = registry.load_model_bytes(files["model.keras"])
+    loaded.predict(tensors[:64], verbose=0)
+    bare_s = _time(lambda: loaded.predict(tensors, batch_size=cfg.score.batch_size, verbose=0))
+    del blobs, tensors
 
-        rates = {"score_job": images / timed_job, "bare_predict": images / bare_s, "predict_batch_udf": images / udf_s}
-        ceiling = profiling.compute_ceiling()
-        forward = profiling.training_flops(model)["forward"]
-        cli.emit({"bench": "score", "images": images, "size": size,
-                  "score_job_images_per_s": round(rates["score_job"], 1),
-                  "bare_predict_images_per_s": round(rates["bare_predict"], 1),
-                  "predict_batch_udf_images_per_s": round(rates["predict_batch_udf"], 1),
-                  "vs_bare_predict": round(rates["score_job"] / rates["bare_predict"], 3),
-                  "vs_predict_batch_udf": round(rates["score_job"] / rates["predict_batch_udf"], 3),
-                  "forward_gflop_per_image": round(forward / 1e9, 3), **ceiling,
-                  "fraction_of_matmul_ceiling": round(forward * rates["score_job"] / 1e9 / ceiling["ceiling_gflops"], 3),
-                  "precision": training.resolve_precision(cfg.train.precision),
-                  "incremental_new_night_images": incremental.get("scored"),
-                  "incremental_s": round(incremental_s, 2), "alone_s": round(alone_s, 2),
-                  "incremental_vs_alone": round(incremental_s / alone_s, 3),
-                  "targets": {"vs_bare_predict": ">= 0.8", "vs_predict_batch_udf": ">= 1.2",
-                              "incremental_vs_alone": "<= 1.2"},
-                  "master": spark.sparkContext.master,
-                  "driver_memory": spark.conf.get("spark.driver.memory", "default")})
-        return 0
-    except Exception as err:
-        return cli.fail("bench-score", err)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        session.stop(spark)
+    udf_s = _time(lambda: _predict_batch_udf(bronze, files["model.keras"], size, policy, cfg.score.batch_size))
+
+    dated = bronze.withColumn("ingest_date", F.expr("date_add(DATE'2026-01-01', CAST(pmod(xxhash64(image_id), 31) AS INT))"))
+    history = dataclasses.replace(cfg, lake=str(work / "history"))
+    alone = dataclasses.replace(cfg, lake=str(work / "alone"))
+    bronze_path = lambda c: lake.table_uri(lake.qualify(spark, c.lake), "bronze.images")  # noqa: E731
+    dated.filter("ingest_date < DATE'2026-01-31'").write.format("delta").partitionBy(
+        "dataset", "ingest_date").save(bronze_path(history))
+    register(history.lake)
+    scoring.run(spark, history, dataset="bench")                     # 30 nights already scored
+    new_night = dated.filter("ingest_date = DATE'2026-01-31'")
+    new_night.write.format("delta").mode("append").save(bronze_path(history))
+    new_night.write.format("delta").partitionBy("dataset", "ingest_date").save(bronze_path(alone))
+    register(alone.lake)
+    incremental = {}
+    incremental_s = _time(lambda: incremental.update(scoring.run(spark, history, dataset="bench")))
+    alone_s = _time(lambda: scoring.run(spark, alone, dataset="bench"))
+
+    rates = {"score_job": images / timed_job, "bare_predict": images / bare_s, "predict_batch_udf": images / udf_s}
+    ceiling = profiling.compute_ceiling()
+    forward = profiling.training_flops(model)["forward"]
+    return {"bench": "score", "images": images, "size": size,
+            "score_job_images_per_s": round(rates["score_job"], 1),
+            "bare_predict_images_per_s": round(rates["bare_predict"], 1),
+            "predict_batch_udf_images_per_s": round(rates["predict_batch_udf"], 1),
+            "vs_bare_predict": round(rates["score_job"] / rates["bare_predict"], 3),
+            "vs_predict_batch_udf": round(rates["score_job"] / rates["predict_batch_udf"], 3),
+            "forward_gflop_per_image": round(forward / 1e9, 3), **ceiling,
+            "fraction_of_matmul_ceiling": round(forward * rates["score_job"] / 1e9 / ceiling["ceiling_gflops"], 3),
+            "precision": training.resolve_precision(cfg.train.precision),
+            "incremental_new_night_images": incremental.get("scored"),
+            "incremental_s": round(incremental_s, 2), "alone_s": round(alone_s, 2),
+            "incremental_vs_alone": round(incremental_s / alone_s, 3),
+            "targets": {"vs_bare_predict": ">= 0.8", "vs_predict_batch_udf": ">= 1.2",
+                        "incremental_vs_alone": "<= 1.2"},
+            "master": spark.sparkContext.master,
+            "driver_memory": spark.conf.get("spark.driver.memory", "default")}
 
 
 def _time(action) -> float:

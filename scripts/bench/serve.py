@@ -17,7 +17,6 @@ its own process on a private port. Measured:
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys

@@ -21,13 +21,11 @@ One JSON line.
     scripts/bench.sh train [--data ../shared/data/ham10000] [--size 64 96 128] [--epochs 3]
 """
 import dataclasses
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from oncolake import cli, evaluation, ingest, preprocess, profiling, registry, session, training
+from oncolake import cli, evaluation, ingest, preprocess, profiling, registry, training
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -50,50 +48,45 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, nargs="+", default=[64])
     p.add_argument("--epochs", type=int, default=3)
     args = p.parse_args(argv)
-    cfg = cli.load_config(args)
-    spark = session.build("bench-train", cfg)
-    work = Path(tempfile.mkdtemp(prefix="oncolake-bench-"))
-    try:
-        data = Path(args.data).resolve()
-        cfg = dataclasses.replace(
-            cfg, lake=str(work / "lake"),
-            train=dataclasses.replace(cfg.train, epochs=args.epochs, num_proc=2, patience=args.epochs + 1,
-                                      profile_steps=10))
-        ingest.run(spark, cfg, dataset="bench", source=str(data), labels=str(data / "labels.csv"))
-        ceiling = profiling.compute_ceiling()
-        sizes = {}
-        for size in sorted(args.size):
-            sized = dataclasses.replace(cfg, preprocess=dataclasses.replace(cfg.preprocess, size=size))
-            pre = preprocess.run(spark, sized, dataset="bench")
-            job = training.run(spark, sized, dataset="bench", tensors_version=pre["version"])
-            _, images, labels = evaluation.read_split(registry.petastorm_url(pre["output"] + "/split=train"))
-            single = baseline_rate(images, labels, pre, sized, args.epochs)
-            flops = profiling.training_flops(
-                training.build_model(size, pre["normalisation"]["mean"], pre["normalisation"]["std"], sized.train))
-            rate = job["images_per_sec"]
-            sizes[str(size)] = {
-                "train_images": int(len(images)), "job_images_per_s": round(rate, 1),
-                "in_memory_single_process_images_per_s": round(single, 1), "ratio": round(rate / single, 3),
-                "training_gflop_per_image": round(flops["training"] / 1e9, 3),
-                "job_gflops": round(flops["training"] * rate / 1e9, 1),
-                "fraction_of_matmul_ceiling": round(flops["training"] * rate / 1e9 / ceiling["ceiling_gflops"], 3),
-                "seconds_per_megapixel": round(1e6 / (rate * size * size), 3),
-                "epoch_train_seconds": job["epoch_train_seconds"], "ranks_identical": job["ranks_identical"],
-                "profile_fraction": job.get("profile", {}).get("fraction"),
-                "profile_busy": job.get("profile", {}).get("busy")}
-        smallest = sizes[str(min(args.size))]["seconds_per_megapixel"]
-        for figures in sizes.values():
-            figures["pixel_cost_vs_smallest"] = round(figures["seconds_per_megapixel"] / smallest, 3)
-        cli.emit({"bench": "train", "data": data.name, "epochs": args.epochs,
-                  "precision": training.resolve_precision(cfg.train.precision), **ceiling,
-                  "targets": {"fraction_of_matmul_ceiling_96": 0.7, "ratio": 0.9, "pixel_cost_128_vs_64": 1.25},
-                  "sizes": sizes})
-        return 0
-    except Exception as err:
-        return cli.fail("bench-train", err)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        session.stop(spark)
+    return cli.run_bench("bench-train", args, lambda spark, cfg, work: _measure(spark, cfg, work, args))
+
+
+def _measure(spark, cfg, work: Path, args) -> dict:
+    """The benchmark's runs in ``work`` (a scratch folder); returns the figures."""
+    data = Path(args.data).resolve()
+    cfg = dataclasses.replace(
+        cfg, lake=str(work / "lake"),
+        train=dataclasses.replace(cfg.train, epochs=args.epochs, num_proc=2, patience=args.epochs + 1,
+                                  profile_steps=10))
+    ingest.run(spark, cfg, dataset="bench", source=str(data), labels=str(data / "labels.csv"))
+    ceiling = profiling.compute_ceiling()
+    sizes = {}
+    for size in sorted(args.size):
+        sized = dataclasses.replace(cfg, preprocess=dataclasses.replace(cfg.preprocess, size=size))
+        pre = preprocess.run(spark, sized, dataset="bench")
+        job = training.run(spark, sized, dataset="bench", tensors_version=pre["version"])
+        _, images, labels = evaluation.read_split(registry.petastorm_url(pre["output"] + "/split=train"))
+        single = baseline_rate(images, labels, pre, sized, args.epochs)
+        flops = profiling.training_flops(
+            training.build_model(size, pre["normalisation"]["mean"], pre["normalisation"]["std"], sized.train))
+        rate = job["images_per_sec"]
+        sizes[str(size)] = {
+            "train_images": int(len(images)), "job_images_per_s": round(rate, 1),
+            "in_memory_single_process_images_per_s": round(single, 1), "ratio": round(rate / single, 3),
+            "training_gflop_per_image": round(flops["training"] / 1e9, 3),
+            "job_gflops": round(flops["training"] * rate / 1e9, 1),
+            "fraction_of_matmul_ceiling": round(flops["training"] * rate / 1e9 / ceiling["ceiling_gflops"], 3),
+            "seconds_per_megapixel": round(1e6 / (rate * size * size), 3),
+            "epoch_train_seconds": job["epoch_train_seconds"], "ranks_identical": job["ranks_identical"],
+            "profile_fraction": job.get("profile", {}).get("fraction"),
+            "profile_busy": job.get("profile", {}).get("busy")}
+    smallest = sizes[str(min(args.size))]["seconds_per_megapixel"]
+    for figures in sizes.values():
+        figures["pixel_cost_vs_smallest"] = round(figures["seconds_per_megapixel"] / smallest, 3)
+    return {"bench": "train", "data": data.name, "epochs": args.epochs,
+            "precision": training.resolve_precision(cfg.train.precision), **ceiling,
+            "targets": {"fraction_of_matmul_ceiling_96": 0.7, "ratio": 0.9, "pixel_cost_128_vs_64": 1.25},
+            "sizes": sizes}
 
 
 if __name__ == "__main__":
