@@ -67,6 +67,9 @@ def emit(summary: dict[str, Any]) -> None:
     print(json.dumps(summary, sort_keys=False, default=str), flush=True)
 
 
+_NO_SPACE = "No space left on device"
+
+
 def fail(job: str, err: BaseException) -> int:
     """Log one clear line for ``err`` and return the job's exit code."""
     if isinstance(err, OncolakeError):
@@ -80,11 +83,6 @@ def fail(job: str, err: BaseException) -> int:
     first = (str(err).strip().splitlines() or [""])[0][:300]
     log.error("%s failed: %s: %s", job, type(err).__name__, first)
     return 1
-
-
-_NO_SPACE = "No space left on device"
-
-
 
 
 def run_job(job: str, args: argparse.Namespace, work: Callable[[Any, config.Config], dict[str, Any]]) -> int:

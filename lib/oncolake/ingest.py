@@ -314,7 +314,7 @@ def _with_dead_links(spark: SparkSession, listing: DataFrame, root: str, dead: l
 
 
 def _outside(files: DataFrame, linked: list[str]) -> DataFrame:
-    """``files`` without the ones reached through :func:`linked_folders`."""
+    """``files`` without the ones reached through the linked folders of :func:`links`."""
     for prefix in linked:
         files = files.filter(~F.col("relative_path").startswith(prefix + "/"))
     return files

@@ -3,8 +3,8 @@
 Every path is a URI resolved by Hadoop on the driver (file: or hdfs:), so
 the same code runs with the lake on local disk or on HDFS. Object stores
 (s3a:, gs:, abfs:) are not supported: no Hadoop connector is shipped, the
-Python side has no client for them, and nothing here is tested against one. Python code
-outside the JVM (Petastorm readers, Horovod ranks) reaches the same URIs
+Python side has no client for them, and nothing here is tested against one.
+Python code outside the JVM (Petastorm readers, Horovod ranks) reaches the same URIs
 through :func:`python_fs`: the local disk, or HDFS over WebHDFS, which needs
 no Hadoop client or libhdfs on the machine.
 """
