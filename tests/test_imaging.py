@@ -110,6 +110,15 @@ def test_crop_keeps_the_centre_and_pad_adds_black_bars():
     assert padded[:20].max() == 0 and padded[-20:].max() == 0 and padded[30, 30].min() == 255
 
 
+def test_pad_of_a_very_long_image_never_builds_the_square_canvas():
+    long = np.full((8, 65_535, 3), 200, np.uint8)  # a valid TIFF's shape the fuzz test found
+    start = time.perf_counter()
+    padded = imaging.resize(long, 32, "pad")
+    assert time.perf_counter() - start < 1.0  # padding first meant a 65,535 x 65,535 x 3 canvas (12.9 GB)
+    assert padded.shape == (32, 32, 3)
+    assert padded[15].min() == 200 and padded[:15].max() == 0 and padded[16:].max() == 0  # one row, centred
+
+
 def test_exif_orientation_is_applied(tmp_path):
     wide = np.zeros((20, 40, 3), np.uint8)
     exif = Image.Exif()

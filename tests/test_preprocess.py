@@ -102,11 +102,13 @@ def independent_tensor(data: bytes, size: int, policy: str) -> np.ndarray:
     if policy == "crop":
         side = min(h, w)
         image = image[(h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
-    elif policy == "pad":
-        side = max(h, w)
-        canvas = np.zeros((side, side, 3), np.uint8)
-        canvas[(side - h) // 2:(side - h) // 2 + h, (side - w) // 2:(side - w) // 2 + w] = image
-        image = canvas
+    elif policy == "pad":  # the long side to size, then centred on black
+        scale = size / max(h, w)
+        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+        small = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA if scale <= 1 else cv2.INTER_LINEAR)
+        canvas = np.zeros((size, size, 3), np.uint8)
+        canvas[(size - nh) // 2:(size - nh) // 2 + nh, (size - nw) // 2:(size - nw) // 2 + nw] = small
+        return canvas
     shrink = image.shape[0] >= size and image.shape[1] >= size
     return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 

@@ -236,10 +236,15 @@ def resize(image: np.ndarray, size: int, policy: str = "stretch") -> np.ndarray:
         top, left = (height - side) // 2, (width - side) // 2
         image = image[top:top + side, left:left + side]
     elif policy == "pad":
-        side = max(height, width)
-        top, left = (side - height) // 2, (side - width) // 2
-        image = cv2.copyMakeBorder(image, top, side - height - top, left, side - width - left,
-                                   cv2.BORDER_CONSTANT, value=0)
+        # The long side to ``size`` first, then the black bars: padding first
+        # would allocate max(h, w) squared pixels (a valid 65,535 x 8 TIFF
+        # became a 12.9 GB canvas; found by tests/test_fuzz.py).
+        scale = size / max(height, width)
+        new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA if scale <= 1 else cv2.INTER_LINEAR)
+        top, left = (size - new_h) // 2, (size - new_w) // 2
+        return cv2.copyMakeBorder(image, top, size - new_h - top, left, size - new_w - left,
+                                  cv2.BORDER_CONSTANT, value=0)
     shrinking = image.shape[0] >= size and image.shape[1] >= size
     interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
     return cv2.resize(image, (size, size), interpolation=interpolation)
