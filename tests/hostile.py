@@ -104,7 +104,7 @@ def tiff_past_end() -> bytes:
 
 
 def slow_png() -> bytes:
-    """A valid 49-megapixel 16-bit PNG: 1 MB on disk, over a second to decode (past the 0.3 s limit)."""
+    """A valid 49-megapixel 16-bit PNG: 1.5 MB on disk, over a second to decode (past the 0.3 s limit)."""
     y, x = np.mgrid[0:7000, 0:7000]
     g = ((x * 7 + y * 3) % 65536).astype(np.uint16)
     return encode(np.dstack([g, g[::-1], g[:, ::-1]]), ".png", cv2.IMWRITE_PNG_COMPRESSION, 9)
@@ -160,7 +160,7 @@ KINDS: tuple[tuple[str, str, str], ...] = (
     ("taller.png", "a PNG header two rows taller than its pixel data", "corrupt"),
     ("taller.jpg", "a JPEG frame header 200 rows taller than its scan (OpenCV pads it with grey)", "corrupt"),
     ("garbled.jpg", "40 garbled bytes in a JPEG's scan (OpenCV decodes it)", "corrupt"),
-    ("scans.jpg", "a progressive JPEG (31 KB) whose last scan repeats 1,000 times: seconds of decoding", "timeout"),
+    ("scans.jpg", "a progressive JPEG (38 KB) whose last scan repeats 1,000 times: seconds of decoding", "timeout"),
     ("thumbnail.jpg", "a JPEG holding only an EXIF thumbnail, no image", "corrupt"),
     ("slow.png", "a valid 49-megapixel 16-bit PNG that decodes past ingest.decode_timeout_s", "timeout"),
     ("loop.jpg", "a symbolic link in a loop (loop.jpg -> loop2.jpg -> loop.jpg)", "unreadable"),

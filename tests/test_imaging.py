@@ -228,7 +228,7 @@ def test_progressive_jpeg_of_a_thousand_repeated_scans_is_corrupt_and_slow_to_de
     result = imaging.inspect(hostile, **LIMITS)
     assert (result.ok, result.reason) == (False, "corrupt"), result
     assert "progression" in result.detail
-    # Each repeat is a full pass over the coefficients: seconds for 31 KB. Ingest's
+    # Each repeat is a full pass over the coefficients: seconds for 38 KB. Ingest's
     # per-file time limit (oncolake.isolation) is what bounds such a file.
     assert time.perf_counter() - start > 0.5
 
