@@ -205,12 +205,62 @@ def test_nightly_ingests_new_images_scores_them_and_logs_the_night(spark, tmp_pa
         F.col("scored_at") >= F.lit(first["started_at"]).cast("timestamp")).select("predicted_label").collect()
     assert len(tonight) == 46
     assert first["malignant_rate"] == pytest.approx(sum(r.predicted_label for r in tonight) / 46, abs=1e-4)
+    # the same images as the model's reference (built on first use): figures, no alert
+    assert first["psi_brightness"] is not None and first["drift_alert"] is False and first["alerts"] == ""
+    assert first["quarantine_rate"] == 0.0 and json.loads(first["input_mix"]) == {
+        "format": {"png": 46}, "modality": {"unspecified": 46}}
     second = run(nightly_job, capsys, *args)
     assert (second["ingested"], second["scored"], second["malignant_rate"]) == (0, 0, None)
+    assert (second["psi_brightness"], second["quarantine_rate"], second["drift_alert"]) == (None, None, False)
     nights = spark.read.format("delta").load(first["run_log"]).orderBy("started_at").collect()
     assert [(n.ingested, n.scored) for n in nights] == [(6, 46), (0, 0)]
     page = (tmp_path / "lake" / "reports" / "nightly.html").read_text()
-    assert "data:image/png;base64," in page and "research" in page
+    assert "data:image/png;base64," in page and "research" in page and "psi_brightness" in page
+
+
+def _darken(folder, factor: float) -> None:
+    for path in folder.glob("*.png"):
+        cv2.imwrite(str(path), (cv2.imread(str(path)) * factor).astype(np.uint8))
+
+
+def _brightness(folder) -> float:
+    """Mean grey level in [0, 1] of a folder's PNGs, at full size (a resize keeps the mean)."""
+    return float(np.mean([cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2GRAY).mean() / 255
+                          for p in folder.glob("*.png")]))
+
+
+def test_a_darkened_night_raises_the_drift_alert_and_the_gate_stops_it(spark, tmp_path, capsys, scored_lake):
+    from jobs import nightly as nightly_job
+    lake_dir, lake_uri, model_dir = scored_lake
+    gated = ["--lake", lake_dir, "--set", "nightly.dataset=syn", "--set", "nightly.drift.gate=true"]
+    calm = synthetic.write_dataset(tmp_path / "calm", groups=16, per_group=2, seed=31, start=100)
+    first = run(nightly_job, capsys, *gated, "--set", f"nightly.incoming={calm}")
+    assert (first["scored"], first["drift_alert"]) == (72, False), first["alerts"]  # 40 caught up + 32
+    reference = json.loads(lake.read_text(spark, f"{model_dir}/reference.json"))
+    tensors = spark.read.parquet(f"{lake_uri}/silver/tensors/syn/v1/split=train",
+                                 f"{lake_uri}/silver/tensors/syn/v1/split=val")
+    assert reference["images"] == tensors.select("image_id").distinct().count()
+    assert len(reference["values"]["probability"]) == spark.read.parquet(
+        f"{lake_uri}/silver/tensors/syn/v1/split=val").count()
+
+    dark = synthetic.write_dataset(tmp_path / "dark", groups=16, per_group=2, seed=32, start=200)
+    _darken(dark, 0.35)
+    code = nightly_job.main([*gated, "--set", f"nightly.incoming={dark}"])
+    captured = capsys.readouterr()
+    assert code == 3, captured.err[-3000:]
+    night = last_json(captured.out)  # the gate still prints what the night did
+    assert (night["ingested"], night["scored"], night["drift_alert"]) == (32, 32, True)
+    assert "brightness: PSI" in night["alerts"] and night["psi_brightness"] >= 0.25
+    assert night["brightness"] == pytest.approx(_brightness(dark), abs=0.01)
+    assert first["brightness"] > 2 * night["brightness"]
+    logged = spark.read.format("delta").load(night["run_log"]).orderBy("started_at").collect()
+    assert [(n.scored, n.drift_alert) for n in logged] == [(72, False), (32, True)]
+    # the night's predictions landed (only export is held back); each carries its image's figures
+    tonight = spark.read.format("delta").load(lake_uri + "/gold/predictions").filter(
+        F.col("scored_at") >= F.lit(night["started_at"]).cast("timestamp"))
+    assert tonight.filter(F.col("brightness").isNotNull() & F.col("sharpness").isNotNull()).count() == 32
+    page = (tmp_path / "lake" / "reports" / "nightly.html").read_text()
+    assert "Data-quality alert on the latest night" in page and "brightness: PSI" in page
 
 
 def test_a_dicom_night_scored_by_a_model_of_another_modality_is_refused_row_by_row(spark, tmp_path, capsys,

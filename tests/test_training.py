@@ -8,6 +8,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import roc_auc_score
 
@@ -178,6 +179,14 @@ def test_horovod_two_ranks_train_one_epoch_with_identical_weights(spark, tmp_pat
     metrics = json.loads((model_dir / "metrics.json").read_text())
     assert metrics["threshold"] == result["threshold"]
     assert metrics["selection"]["val_auc_rescored"] == result["val_auc"]
+    # the drift reference: the training and validation images once each, the validation probabilities
+    reference = json.loads((model_dir / "reference.json").read_text())
+    splits = model_dir.parents[2] / "silver" / "tensors" / "syn" / "v1"
+    ids = {split: pq.read_table(splits / f"split={split}", columns=["image_id"]).column(0).to_pylist()
+           for split in ("train", "val")}
+    assert reference["images"] == len(set(ids["train"]) | set(ids["val"]))
+    assert len(reference["values"]["probability"]) == len(ids["val"])
+    assert len(reference["values"]["brightness"]) == len(reference["values"]["megapixels"]) == reference["images"]
     for name in ("roc.png", "pr.png", "confusion.png", "calibration.png"):
         image = cv2.imread(str(model_dir / name))
         assert image is not None and image.shape[0] > 100, name

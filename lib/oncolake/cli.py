@@ -101,6 +101,8 @@ def run_job(job: str, args: argparse.Namespace, work: Callable[[Any, config.Conf
         emit(work(spark, cfg))
         return 0
     except Exception as err:  # every failure ends as one line and an exit code
+        if getattr(err, "summary", None):  # a gate that stopped a job after it recorded its work
+            emit(err.summary)
         return fail(job, err)
     finally:
         if spark is not None:

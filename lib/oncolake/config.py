@@ -130,6 +130,15 @@ class ScoreConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DriftConfig:
+    psi_alert: float = 0.25
+    alpha: float = 0.01
+    min_images: int = 30
+    max_quarantine_rate: float = 0.05
+    gate: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class NightlyConfig:
     dataset: str = ""
     incoming: str = ""
@@ -137,6 +146,7 @@ class NightlyConfig:
     labels: str = ""
     nights_shown: int = 30
     export: bool = False
+    drift: DriftConfig = DriftConfig()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,9 +20,17 @@ class InputError(OncolakeError):
 
 
 class DataQualityError(OncolakeError):
-    """A data-quality gate refused the data. Exit code 3."""
+    """A data-quality gate refused the data. Exit code 3.
+
+    ``summary``, if given, is what the job did before the gate (printed as its
+    summary line all the same).
+    """
 
     exit_code = 3
+
+    def __init__(self, message: str, summary: dict | None = None):
+        super().__init__(message)
+        self.summary = summary
 
 
 class ImageError(ValueError):

@@ -36,6 +36,18 @@ def read_split(url: str, filesystem=None, shard: tuple[int, int] | None = None):
     return ids, np.stack(images), np.asarray(labels)
 
 
+def validation_scores(spark, cfg, lake_uri: str, dataset: str, version: int) -> np.ndarray:
+    """A registered model's probabilities on its validation split (for its drift reference)."""
+    from oncolake import lake, registry
+    model_dir = registry.version_uri(lake_uri, dataset, version)
+    record = registry.read_record(spark, model_dir)
+    url = registry.petastorm_url(f"{lake.tensors_root(lake_uri, dataset)}/v{record['tensors_version']}/split=val")
+    _, images, _ = read_split(url, lake.petastorm_filesystem(url, cfg.hdfs))
+    if not len(images):
+        return np.zeros(0)
+    return registry.load_model(spark, model_dir).predict(images, batch_size=cfg.score.batch_size, verbose=0).ravel()
+
+
 def external_scores(spark, cfg, lake_uri: str, model_dir: str, record: dict[str, Any], dataset: str,
                     on: str) -> tuple[np.ndarray, np.ndarray, int, list[dict[str, str]]]:
     """(labels, probabilities, images left out, attributes) of every labelled ``on`` image in bronze.
@@ -84,7 +96,7 @@ def run(spark, cfg, dataset: str, model_version: int | None = None, on: str | No
     import json as _json
 
     from oncolake import calibration as calibration_map
-    from oncolake import lake, modelcard, preprocess, registry, report, tracking
+    from oncolake import drift, lake, modelcard, preprocess, registry, report, tracking
     lake_uri = lake.qualify(spark, cfg.lake)
     version = model_version or registry.latest(spark, lake_uri, dataset)
     model_dir = registry.version_uri(lake_uri, dataset, version)
@@ -131,6 +143,7 @@ def run(spark, cfg, dataset: str, model_version: int | None = None, on: str | No
              "model_card.md": card.encode(), **images}
     for name, data in files.items():
         lake.write_bytes(spark, f"{model_dir}/{name}", data)
+    drift.write_reference(spark, cfg, lake_uri, dataset, version, record, scores["val"][1])
     run_id = tracking.log_run(cfg, lake_uri, f"evaluate-{dataset}-v{version}",
                               params={"dataset": dataset, "model_version": version, "threshold_rule": rule},
                               metrics={f"test_{k}": test[k] for k in ("auc", "pr_auc", "balanced_accuracy",

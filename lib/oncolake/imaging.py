@@ -269,6 +269,23 @@ def prepare(data: bytes, size: int, policy: str = "stretch", *, mammo_flip_right
     return np.ascontiguousarray(resize(decoded, size, policy), dtype=np.uint8)
 
 
+#: What :func:`image_statistics` measures, in its order.
+STATISTICS = ("brightness", "contrast", "sharpness")
+
+
+def image_statistics(tensor: np.ndarray) -> tuple[float, float, float]:
+    """Brightness, contrast and sharpness of a model tensor (uint8 RGB), as the model sees the image.
+
+    On the grey image scaled to [0, 1]: brightness is the mean, contrast the
+    standard deviation (RMS contrast), sharpness the variance of the
+    Laplacian (the usual focus measure: a blurred image has few edges).
+    Measured on :func:`prepare`'s output, so a night's images and the
+    model's reference are measured at the same size the same way.
+    """
+    grey = cv2.cvtColor(np.ascontiguousarray(tensor, dtype=np.uint8), cv2.COLOR_RGB2GRAY).astype(np.float64) / 255.0
+    return float(grey.mean()), float(grey.std()), float(cv2.Laplacian(grey, cv2.CV_64F).var())
+
+
 def dicom_modality(data: bytes) -> str | None:
     """The Modality of a DICOM file's header (None if absent or not DICOM)."""
     if not dicom_read.is_dicom(data):

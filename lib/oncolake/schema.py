@@ -1,8 +1,8 @@
 """Every StructType oncolake writes or exchanges, in one place."""
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
-from pyspark.sql.types import (ArrayType, BinaryType, DateType, DoubleType, IntegerType, LongType, MapType,
-                               StringType, StructField, StructType, TimestampType)
+from pyspark.sql.types import (ArrayType, BinaryType, BooleanType, DateType, DoubleType, IntegerType, LongType,
+                               MapType, StringType, StructField, StructType, TimestampType)
 
 #: What a DICOM image's header says, as bronze keeps it (never anything identifying;
 #: study and series are keyed pseudonyms).
@@ -89,8 +89,40 @@ GOLD_PREDICTIONS = StructType([
     StructField("error", StringType(), True),
     StructField("scored_at", TimestampType(), False),
     StructField("ingest_date", DateType(), False),
+    # Added with drift monitoring (oncolake.drift); null in rows scored before it, and for errors.
+    StructField("brightness", DoubleType(), True),
+    StructField("contrast", DoubleType(), True),
+    StructField("sharpness", DoubleType(), True),
 ])
 GOLD_PREDICTIONS_PARTITIONS = ("dataset", "ingest_date")
+
+#: gold.nightly_runs: one row per nightly run (oncolake.nightly); the drift
+#: columns (oncolake.drift) are null in rows written before them.
+GOLD_NIGHTLY_RUNS = StructType([
+    StructField("night", StringType(), True),
+    StructField("started_at", StringType(), True),
+    StructField("dataset", StringType(), True),
+    StructField("ingested", LongType(), True),
+    StructField("quarantined", LongType(), True),
+    StructField("model_version", IntegerType(), True),
+    StructField("scored", LongType(), True),
+    StructField("errors", LongType(), True),
+    StructField("malignant_rate", DoubleType(), True),
+    StructField("quarantine_rate", DoubleType(), True),
+    StructField("brightness", DoubleType(), True),
+    StructField("contrast", DoubleType(), True),
+    StructField("sharpness", DoubleType(), True),
+    StructField("input_mix", StringType(), True),
+    StructField("psi_brightness", DoubleType(), True),
+    StructField("psi_contrast", DoubleType(), True),
+    StructField("psi_sharpness", DoubleType(), True),
+    StructField("psi_megapixels", DoubleType(), True),
+    StructField("psi_format", DoubleType(), True),
+    StructField("psi_modality", DoubleType(), True),
+    StructField("psi_probability", DoubleType(), True),
+    StructField("drift_alert", BooleanType(), True),
+    StructField("alerts", StringType(), True),
+])
 
 
 def modality(bronze: DataFrame, default: str) -> Column:

@@ -32,7 +32,8 @@ from oncolake.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
-_SCORED = ("image_id string, ingest_date date, probability double, error string")
+_SCORED = ("image_id string, ingest_date date, probability double, error string, "
+           "brightness double, contrast double, sharpness double")
 #: The error of an image whose modality the model was not trained on (never predicted).
 MODALITY_MISMATCH = "modality_mismatch"
 _MODELS: dict[str, Any] = {}  # per Python worker: model bytes digest -> loaded model
@@ -54,6 +55,8 @@ def run(spark: SparkSession, cfg: Config, dataset: str, model_version: int | Non
         raise InputError(f"no bronze table at {bronze_uri}: ingest first")
     target = lake.ensure_delta_table(spark, predictions_uri, schema.GOLD_PREDICTIONS,
                                      schema.GOLD_PREDICTIONS_PARTITIONS)
+    if lake.add_missing_columns(spark, predictions_uri, schema.GOLD_PREDICTIONS):  # scored before drift figures
+        target = lake.ensure_delta_table(spark, predictions_uri, schema.GOLD_PREDICTIONS)
     images = spark.read.format("delta").load(bronze_uri).filter(F.col("dataset") == dataset)
     done = (target.toDF().filter((F.col("dataset") == dataset) & (F.col("model_version") == version)))
 
@@ -100,7 +103,7 @@ def run(spark: SparkSession, cfg: Config, dataset: str, model_version: int | Non
         F.when(F.col("probability").isNull(), F.lit(None).cast("int"))
         .otherwise((F.col("probability") >= threshold).cast("int")).alias("predicted_label"),
         F.lit(threshold).alias("threshold"), "error", F.lit(now).cast("timestamp").alias("scored_at"),
-        "ingest_date")
+        "ingest_date", *imaging.STATISTICS)
     faults.barrier("score.merge")
     start = time.perf_counter()
     before = lake.current_version(target)
@@ -158,7 +161,8 @@ def _score_batches(batches: Iterator[pd.DataFrame], shipped, size: int, policy: 
                    modalities: list[str] | None = None) -> Iterator[pd.DataFrame]:
     """Executor side: decode with the preprocessing function, predict in batches.
 
-    With ``modalities``, an image of any other modality is not decoded nor
+    Each predicted image also gets :func:`oncolake.imaging.image_statistics`
+    of the tensor the model saw (the nightly drift figures). With ``modalities``, an image of any other modality is not decoded nor
     predicted: its row gets the error ``modality_mismatch``.
     """
     import cv2
@@ -172,6 +176,7 @@ def _score_batches(batches: Iterator[pd.DataFrame], shipped, size: int, policy: 
     model = _model(shipped)
     for frame in batches:
         tensors, keep, errors = [], [], [None] * len(frame)
+        statistics = np.full((len(frame), len(imaging.STATISTICS)), np.nan)
         kinds = frame["modality"] if modalities is not None and "modality" in frame else [None] * len(frame)
         for i, (content, kind) in enumerate(zip(frame["content"], kinds)):
             if kind is not None and kind not in modalities:
@@ -179,15 +184,19 @@ def _score_batches(batches: Iterator[pd.DataFrame], shipped, size: int, policy: 
                 continue
             try:
                 tensors.append(imaging.prepare(bytes(content), size, policy, **(pixels or {})))
+                statistics[i] = imaging.image_statistics(tensors[-1])
                 keep.append(i)
             except (imaging.ImageError, cv2.error) as err:
                 errors[i] = str(err)[:200]
         probability = np.full(len(frame), np.nan)
         if tensors:
             probability[keep] = model.predict(np.stack(tensors), batch_size=batch_size, verbose=0).ravel()
-        yield pd.DataFrame({"image_id": frame["image_id"], "ingest_date": frame["ingest_date"],
+        out = pd.DataFrame({"image_id": frame["image_id"], "ingest_date": frame["ingest_date"],
                             "probability": np.where(np.isnan(probability), None, probability),
                             "error": errors})
+        for j, name in enumerate(imaging.STATISTICS):
+            out[name] = np.where(np.isnan(statistics[:, j]), None, statistics[:, j])
+        yield out
 
 
 def _summary(dataset, version, dates, inserted, already, errors, table, rate, threshold,
