@@ -411,3 +411,86 @@ def test_two_ingests_and_two_scorings_at_once_commit_every_row_exactly_once(spar
     keys = predictions.select("image_id", "model_version", "ingest_date")
     assert predictions.count() == keys.distinct().count() == 40 + 30
     assert sum(s["scored"] for _, s, _ in scorings) == 70
+
+
+def _night_tables(spark, lake_uri: str) -> dict[str, list]:
+    """What a night leaves in the lake, without its timestamps."""
+    def load(table):
+        return spark.read.format("delta").load(f"{lake_uri}/{table}").filter(F.col("dataset") == "syn").collect()
+    return {
+        "bronze": sorted((r.image_id, r.relative_path, r.label, str(r.ingest_date)) for r in load("bronze/images")),
+        "quarantine": sorted((r.relative_path, r.reason) for r in load("bronze/quarantine")),
+        "predictions": sorted((r.image_id, r.model_version, str(r.ingest_date), r.predicted_label, r.error,
+                               None if r.probability is None else round(r.probability, 6),
+                               None if r.brightness is None else round(r.brightness, 6))
+                              for r in load("gold/predictions")),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_a_night_killed_at_three_seeded_moments_then_rerun_ends_as_one_uninterrupted_night(spark, tmp_path,
+                                                                                          scored_lake):
+    import os
+    import random
+    import signal
+    import subprocess
+    import time
+
+    from deltalake import DeltaTable as RustDeltaTable
+
+    lake_dir, lake_uri, model_dir = scored_lake
+    twin = tmp_path / "twin"
+    shutil.copytree(tmp_path / "lake", twin / "lake")  # the same lake, for one uninterrupted night
+    incoming = synthetic.write_dataset(tmp_path / "incoming", groups=20, per_group=2, seed=41, start=300)
+    (incoming / "cut.png").write_bytes((incoming / "p300_0.png").read_bytes()[:200])
+    (incoming / "notes.png").write_text("not an image\n")
+
+    def night(lake: str) -> subprocess.Popen:  # its own process group: SIGKILL takes the JVM and workers too
+        return subprocess.Popen([str(ROOT / "scripts" / "submit.sh"), "nightly", "--lake", lake,
+                                 "--set", "nightly.dataset=syn", "--set", f"nightly.incoming={incoming}"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    def finish(proc: subprocess.Popen) -> dict:
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out[-3000:]
+        return last_json(out)
+
+    start = time.monotonic()
+    finish(night(str(twin / "lake")))
+    whole = time.monotonic() - start
+    rng = random.Random(14)
+    moments = [rng.uniform(0.3, 0.95) * whole for _ in range(3)]
+    reached = []
+    for moment in moments:
+        proc = night(lake_dir)
+        try:
+            proc.wait(timeout=moment)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=60)
+        reached.append([line for line in out.splitlines() if " INFO oncolake" in line][-1:])
+    rerun_started = time.time()
+    finish(night(lake_dir))
+
+    # every table as after the one uninterrupted night: rows, keys, labels, no duplicates
+    want, got = _night_tables(spark, lake.qualify(spark, str(twin / "lake"))), _night_tables(spark, lake_uri)
+    assert got == want, f"killed at {moments} s of {whole:.0f} s, after {reached}"
+    assert len(got["bronze"]) == len({r[0] for r in got["bronze"]}) == 40 + 40
+    assert len(got["predictions"]) == len({r[:3] for r in got["predictions"]}) == 80
+    assert len(got["quarantine"]) == 2
+    # the model's reference (built by the first night) is whole and the same
+    reference = json.loads(lake.read_text(spark, f"{model_dir}/reference.json"))
+    twin_reference = json.loads((twin / "lake" / "models" / "syn" / "v1" / "reference.json").read_text())
+    assert reference["values"] == twin_reference["values"]
+    # delta-rs reads every table the night writes, row for row
+    for table in ("bronze/images", "bronze/quarantine", "gold/predictions", "gold/nightly_runs"):
+        path = tmp_path / "lake" / table
+        assert RustDeltaTable(str(path)).to_pyarrow_table().num_rows == spark.read.format("delta").load(
+            str(path)).count(), table
+    # no temporary folder left behind; the last run left no partial file of its own
+    leftovers = [p for p in (tmp_path / "lake").rglob("*")
+                 if (p.is_dir() and (p.name.startswith("_tmp-") or p.name == "_temporary"))
+                 or (lake.PARTIAL in p.name and p.stat().st_mtime >= rerun_started)]
+    assert leftovers == []
+    assert (tmp_path / "lake" / "reports" / "nightly.html").read_text().rstrip().endswith("</html>")

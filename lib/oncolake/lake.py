@@ -115,14 +115,41 @@ def write_text(spark: SparkSession, uri: str, text: str) -> None:
     write_bytes(spark, uri, text.encode("utf-8"))
 
 
+#: Marks the hidden sibling a small file is written to before it is renamed into place.
+PARTIAL = ".partial-"
+#: A partial file this old is a killed writer's: the next write of the same file deletes it.
+STALE_PARTIAL_S = 60.0
+
+
 def write_bytes(spark: SparkSession, uri: str, data: bytes) -> None:
-    """Write a small file (a model, a plot), replacing any file already there."""
+    """Write a small file (metrics, a reference, a plot, a page), replacing any file already there.
+
+    The bytes go to a hidden sibling (``.NAME.partial-ID``) that is then
+    renamed over ``uri``, so a reader, or the rerun of a job killed while
+    writing, never finds half a file: on local disk the rename replaces the
+    file atomically; on HDFS (whose rename will not replace) the old file is
+    deleted first, so for a moment there is none. A killed writer's sibling
+    is deleted by the next write of the same file once it is a minute old.
+    """
     path, fs = _hadoop_path(spark, uri)
-    stream = fs.create(path, True)
+    parent, name = path.getParent(), str(path.getName())
+    jvm = spark.sparkContext._jvm
+    partial = jvm.org.apache.hadoop.fs.Path(parent, f".{name}{PARTIAL}{uuid.uuid4().hex[:12]}")
+    stream = fs.create(partial, True)
     try:
         stream.write(bytearray(data))
     finally:
         stream.close()
+    if not fs.rename(partial, path):
+        fs.delete(path, False)
+        if not fs.rename(partial, path):
+            fs.delete(partial, False)
+            raise OSError(f"could not move the written file into place at {uri}")
+    now_ms = time.time() * 1000
+    for status in fs.listStatus(parent):
+        other = str(status.getPath().getName())
+        if other.startswith(f".{name}{PARTIAL}") and (now_ms - status.getModificationTime()) / 1000 > STALE_PARTIAL_S:
+            fs.delete(status.getPath(), False)
 
 
 def read_bytes(spark: SparkSession, uri: str) -> bytes:
