@@ -435,9 +435,12 @@ def test_a_night_killed_at_three_seeded_moments_then_rerun_ends_as_one_uninterru
     import random
     import signal
     import subprocess
+    import threading
     import time
 
     from deltalake import DeltaTable as RustDeltaTable
+
+    from jobs import nightly as nightly_job
 
     lake_dir, lake_uri, model_dir = scored_lake
     twin = tmp_path / "twin"
@@ -451,31 +454,42 @@ def test_a_night_killed_at_three_seeded_moments_then_rerun_ends_as_one_uninterru
                                  "--set", "nightly.dataset=syn", "--set", f"nightly.incoming={incoming}"],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
-    def finish(proc: subprocess.Popen) -> dict:
-        out, _ = proc.communicate(timeout=600)
-        assert proc.returncode == 0, out[-3000:]
-        return last_json(out)
-
-    start = time.monotonic()
-    finish(night(str(twin / "lake")))
-    whole = time.monotonic() - start
-    rng = random.Random(14)
-    moments = [rng.uniform(0.3, 0.95) * whole for _ in range(3)]
-    reached = []
-    for moment in moments:
-        proc = night(lake_dir)
+    def kill_after(proc: subprocess.Popen, seconds: float) -> list[str]:
+        """SIGKILL the job ``seconds`` after its Spark session started (unless it ends first); its output."""
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 300
+        while not any("started Spark session" in line for line in list(lines)) and proc.poll() is None:
+            assert time.monotonic() < deadline, "".join(lines)[-3000:]
+            time.sleep(0.05)
         try:
-            proc.wait(timeout=moment)
+            proc.wait(timeout=seconds)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate(timeout=60)
-        reached.append([line for line in out.splitlines() if " INFO oncolake" in line][-1:])
+            proc.wait(timeout=60)
+        reader.join(timeout=60)
+        return lines
+
+    # the same night, uninterrupted and in this process: the tables to match, and how long the work takes
+    start = time.monotonic()
+    run_quiet = _quiet(nightly_job, "--lake", str(twin / "lake"), "--set", "nightly.dataset=syn",
+                       "--set", f"nightly.incoming={incoming}")
+    work = time.monotonic() - start
+    assert run_quiet["ingested"] == 40
+    rng = random.Random(14)
+    moments = [rng.uniform(0.0, 1.0) * work for _ in range(3)]
+    reached = []
+    for moment in moments:
+        output = kill_after(night(lake_dir), moment)
+        reached.append([line.strip() for line in output if " INFO oncolake" in line][-1:])
     rerun_started = time.time()
-    finish(night(lake_dir))
+    out, _ = (proc := night(lake_dir)).communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
 
     # every table as after the one uninterrupted night: rows, keys, labels, no duplicates
     want, got = _night_tables(spark, lake.qualify(spark, str(twin / "lake"))), _night_tables(spark, lake_uri)
-    assert got == want, f"killed at {moments} s of {whole:.0f} s, after {reached}"
+    assert got == want, f"killed at {moments} s of {work:.0f} s, after {reached}"
     assert len(got["bronze"]) == len({r[0] for r in got["bronze"]}) == 40 + 40
     assert len(got["predictions"]) == len({r[:3] for r in got["predictions"]}) == 80
     assert len(got["quarantine"]) == 2
