@@ -46,6 +46,13 @@ def _validate_keeping_bytes(batches, max_pixels: int, min_side: int):
         yield out
 
 
+def one_pass(files, limits: dict, out: str) -> None:
+    """The one-pass floor: validate and hash in Python, the good rows with their bytes to Delta at ``out``."""
+    (files.mapInPandas(partial(_validate_keeping_bytes, **limits),
+                       "path string, content binary, image_id string, reason string")
+     .filter("reason IS NULL").write.format("delta").save(out))
+
+
 def main(argv=None) -> int:
     p = cli.parser("bench-ingest-floor", __doc__)
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "ham10000"))
@@ -63,9 +70,7 @@ def _measure(spark, cfg, work: Path, args) -> dict:
     images = files().count()
     passes = {
         "baseline_copy": lambda out: files().write.format("delta").save(out),
-        "one_pass": lambda out: (files().mapInPandas(partial(_validate_keeping_bytes, **limits),
-                                                     "path string, content binary, image_id string, reason string")
-                                 .filter("reason IS NULL").write.format("delta").save(out)),
+        "one_pass": lambda out: one_pass(files(), limits, out),
         "verdicts_only": lambda out: (files().mapInPandas(partial(ingest._inspect_batches, **limits),
                                                           schema.INSPECTION)
                                       .write.format("noop").mode("overwrite").save()),
