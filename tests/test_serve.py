@@ -529,6 +529,8 @@ def test_nightly_exports_the_nights_predictions_when_configured(api, served_lake
     night = _quiet(nightly_job, *args)
     # version 2, registered by the upload test, scores every date, tonight's among them
     assert (night["ingested"], night["errors"]) == (6, 0) and night["scored"] >= 6
+    # the uploaded model records no tensors it was trained on: the night's figures, no comparison
+    assert night["brightness"] is not None and night["psi_brightness"] is None and night["drift_alert"] is False
 
     # PostgreSQL now holds exactly the lake's predictions (delta-rs), tonight's among them
     predictions = DeltaTable(served_lake["uri"].replace("file:", "") + "/gold/predictions").to_pandas()

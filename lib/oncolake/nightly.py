@@ -82,10 +82,16 @@ def _drift(spark, cfg: Config, lake_uri: str, dataset: str, scored: dict[str, An
     version = scored["model_version"]
     reference = drift.read_reference(spark, lake_uri, dataset, version)
     if reference is None and scored["scored"]:
-        log.info("model v%d of %s has no drift reference yet: building it", version, dataset)
         record = registry.read_record(spark, registry.version_uri(lake_uri, dataset, version))
-        reference = drift.write_reference(spark, cfg, lake_uri, dataset, version, record,
-                                          evaluation.validation_scores(spark, cfg, lake_uri, dataset, version))
+        tensors = record.get("tensors_version")
+        if tensors is None or not lake.exists(spark, f"{lake.tensors_root(lake_uri, dataset)}/v{tensors}/split=val"):
+            # the night goes on: its figures are logged, only the comparison is missing
+            log.warning("model v%d of %s records no tensor version it was trained on (or it is gone): "
+                        "no drift reference, the night's figures are not compared", version, dataset)
+        else:
+            log.info("model v%d of %s has no drift reference yet: building it", version, dataset)
+            reference = drift.write_reference(spark, cfg, lake_uri, dataset, version, record,
+                                              evaluation.validation_scores(spark, cfg, lake_uri, dataset, version))
     return drift.night(spark, cfg, lake_uri, dataset, reference, predictions, files, quarantined)
 
 
