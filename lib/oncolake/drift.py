@@ -186,7 +186,9 @@ def write_reference(spark: SparkSession, cfg: Config, lake_uri: str, dataset: st
         "images": len(ids), "validation_images": int(values["probability"].size),
         "quarantine_rate": quarantined / (bronze + quarantined) if bronze + quarantined else 0.0,
         "counts": {name: mix[name] for name in CATEGORICAL},
-        "values": {name: [round(float(v), 6) for v in _sample(v, rng)] for name, v in values.items()},
+        # sorted before the seeded sample and after it: the same images give the same reference,
+        # whatever order Spark returned them in
+        "values": {name: sorted(round(float(x), 6) for x in _sample(np.sort(v), rng)) for name, v in values.items()},
     }
     lake.write_text(spark, f"{registry.version_uri(lake_uri, dataset, version)}/{REFERENCE}",
                     json.dumps(built, sort_keys=True))
