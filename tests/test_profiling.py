@@ -1,6 +1,4 @@
 """Training profile helpers: FLOPs from layers, op kinds, trace breakdown; peak memory."""
-import os
-
 import numpy as np
 import pytest
 
@@ -62,7 +60,6 @@ def test_trace_breakdown_of_a_real_profile(tmp_path):
 def test_peak_rss_sees_a_child_that_held_200_mb_and_let_go():
     import subprocess
     import sys
-    import time
     hold = ("import time; b = bytearray(200 * 2**20); b[::4096] = b'x' * len(b[::4096]); "
             "print('held', flush=True); time.sleep(1.5)")
     # a shell stands in for the JVM: its one descendant is the Python process holding 200 MB
