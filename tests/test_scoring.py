@@ -396,7 +396,7 @@ def test_two_ingests_and_two_scorings_at_once_commit_every_row_exactly_once(spar
         ["ingest", "--lake", lake_dir, "--dataset", "syn", "--input", str(half), "--ingest-date", "2026-05-03"]
         for half in halves], roots=[_spaced_checkout(tmp_path)])
     for code, _, err in ingests:
-        assert code == 0, err[-3000:]
+        assert code == 0, "\n--- the other ingest ---\n".join(e[-3000:] for _, _, e in ingests)
     assert any("lost a concurrent commit" in err for _, _, err in ingests)  # they did collide, and retried
     bronze = spark.read.format("delta").load(f"{lake_uri}/bronze/images").filter("ingest_date = '2026-05-03'")
     assert bronze.count() == bronze.select("image_id").distinct().count() == 30
@@ -405,7 +405,7 @@ def test_two_ingests_and_two_scorings_at_once_commit_every_row_exactly_once(spar
     scorings = _together("score.merge", tmp_path / "barrier-score",
                          *[["score", "--lake", lake_dir, "--dataset", "syn"]] * 2)
     for code, _, err in scorings:
-        assert code == 0, err[-3000:]
+        assert code == 0, "\n--- the other scoring ---\n".join(e[-3000:] for _, _, e in scorings)
     assert any("lost a concurrent commit" in err for _, _, err in scorings)
     predictions = spark.read.format("delta").load(f"{lake_uri}/gold/predictions")
     keys = predictions.select("image_id", "model_version", "ingest_date")

@@ -104,11 +104,11 @@ def _page(dataset: str, nights: list[dict[str, Any]], limits: DriftConfig) -> st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (rates, shifts) = plt.subplots(2, 1, figsize=(8, 5.5), dpi=100, sharex=True)
-    when = [n["started_at"][:16] for n in nights]
-    for name, axis in (("malignant_rate", rates), ("quarantine_rate", rates)):
+    when = range(len(nights))  # nights in order; a night without a figure leaves a gap, never a reordering
+    for name in ("malignant_rate", "quarantine_rate"):
         points = [(w, n.get(name)) for w, n in zip(when, nights) if n.get(name) is not None]
         if points:
-            axis.plot([p[0] for p in points], [p[1] for p in points], "o-", label=name.replace("_", " "))
+            rates.plot([p[0] for p in points], [p[1] for p in points], "o-", label=name.replace("_", " "))
     rates.set(ylabel="share of the night", title=f"{dataset}: nightly rates and drift", ylim=(0, 1))
     rates.legend(fontsize=7, loc="upper left")
     for name in drift.FIGURES:
@@ -121,6 +121,7 @@ def _page(dataset: str, nights: list[dict[str, Any]], limits: DriftConfig) -> st
             shifts.axvline(w, color="red", alpha=0.15, linewidth=8)
     shifts.set(ylabel="PSI against the model's reference", yscale="symlog")
     shifts.legend(fontsize=7, loc="upper left", ncol=3)
+    shifts.set_xticks(list(when), [n["started_at"][:16] for n in nights])
     shifts.tick_params(axis="x", labelrotation=45, labelsize=7)
     buffer = io.BytesIO()
     fig.tight_layout()
