@@ -196,7 +196,7 @@ def write_reference(spark: SparkSession, cfg: Config, lake_uri: str, dataset: st
 
 
 def _tensors(lake_uri: str, dataset: str, record: Mapping[str, Any]) -> str:
-    return f"{lake.tensors_root(lake_uri, dataset)}/v{record['tensors_version']}"
+    return lake.tensors_uri(lake_uri, dataset, record["tensors_version"])
 
 
 def _tensor_statistics(url: str, filesystem, seen: Mapping[str, Any]) -> dict[str, tuple[float, float, float]]:

@@ -41,7 +41,7 @@ def validation_scores(spark, cfg, lake_uri: str, dataset: str, version: int) -> 
     from oncolake import lake, registry
     model_dir = registry.version_uri(lake_uri, dataset, version)
     record = registry.read_record(spark, model_dir)
-    url = registry.petastorm_url(f"{lake.tensors_root(lake_uri, dataset)}/v{record['tensors_version']}/split=val")
+    url = registry.petastorm_url(f"{lake.tensors_uri(lake_uri, dataset, record['tensors_version'])}/split=val")
     _, images, _ = read_split(url, lake.petastorm_filesystem(url, cfg.hdfs))
     if not len(images):
         return np.zeros(0)
@@ -102,7 +102,7 @@ def run(spark, cfg, dataset: str, model_version: int | None = None, on: str | No
     model_dir = registry.version_uri(lake_uri, dataset, version)
     record = registry.read_record(spark, model_dir)
     model = registry.load_model(spark, model_dir)
-    tensors = f"{lake.tensors_root(lake_uri, dataset)}/v{record['tensors_version']}"
+    tensors = lake.tensors_uri(lake_uri, dataset, record["tensors_version"])
     scores = {}
     for split in ("val", "test"):
         url = registry.petastorm_url(f"{tensors}/split={split}")

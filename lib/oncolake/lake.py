@@ -43,6 +43,11 @@ def tensors_root(lake_uri: str, dataset: str) -> str:
     return f"{lake_uri.rstrip('/')}/silver/tensors/{dataset}"
 
 
+def tensors_uri(lake_uri: str, dataset: str, version: int) -> str:
+    """One tensor version of a dataset (``split=train|val|test`` and ``manifest.json`` under it)."""
+    return f"{tensors_root(lake_uri, dataset)}/v{version}"
+
+
 def models_root(lake_uri: str, dataset: str) -> str:
     """The registered model versions of a dataset (``v<N>/``), and ``_runs/`` of training in progress."""
     return f"{lake_uri.rstrip('/')}/models/{dataset}"

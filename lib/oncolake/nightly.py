@@ -84,7 +84,7 @@ def _drift(spark, cfg: Config, lake_uri: str, dataset: str, scored: dict[str, An
     if reference is None and scored["scored"]:
         record = registry.read_record(spark, registry.version_uri(lake_uri, dataset, version))
         tensors = record.get("tensors_version")
-        if tensors is None or not lake.exists(spark, f"{lake.tensors_root(lake_uri, dataset)}/v{tensors}/split=val"):
+        if tensors is None or not lake.exists(spark, f"{lake.tensors_uri(lake_uri, dataset, tensors)}/split=val"):
             # the night goes on: its figures are logged, only the comparison is missing
             log.warning("model v%d of %s records no tensor version it was trained on (or it is gone): "
                         "no drift reference, the night's figures are not compared", version, dataset)

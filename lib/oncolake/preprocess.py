@@ -80,7 +80,7 @@ def published_versions(spark: SparkSession, lake_uri: str, dataset: str) -> list
 
 
 def read_manifest(spark: SparkSession, lake_uri: str, dataset: str, version: int) -> dict[str, Any]:
-    return json.loads(lake.read_text(spark, f"{lake.tensors_root(lake_uri, dataset)}/v{version}/manifest.json"))
+    return json.loads(lake.read_text(spark, f"{lake.tensors_uri(lake_uri, dataset, version)}/manifest.json"))
 
 
 def run(spark: SparkSession, cfg: Config, dataset: str) -> dict[str, Any]:

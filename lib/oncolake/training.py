@@ -319,7 +319,7 @@ def run(spark: SparkSession, cfg: Config, dataset: str, tensors_version: int | N
         raise DataQualityError(f"no tensor dataset for {dataset}: run preprocess first")
     tensors_version = tensors_version or versions[-1]
     manifest = preprocess.read_manifest(spark, lake_uri, dataset, tensors_version)
-    tensors = f"{lake.tensors_root(lake_uri, dataset)}/v{tensors_version}"
+    tensors = lake.tensors_uri(lake_uri, dataset, tensors_version)
     if tcfg.calibration not in calibration.METHODS:
         raise ConfigError(f"train.calibration must be one of {calibration.METHODS}, got {tcfg.calibration!r}")
     if not 0.0 <= tcfg.ema_decay < 1.0:
