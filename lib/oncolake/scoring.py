@@ -162,7 +162,8 @@ def _score_batches(batches: Iterator[pd.DataFrame], shipped, size: int, policy: 
     """Executor side: decode with the preprocessing function, predict in batches.
 
     Each predicted image also gets :func:`oncolake.imaging.image_statistics`
-    of the tensor the model saw (the nightly drift figures). With ``modalities``, an image of any other modality is not decoded nor
+    of the tensor the model saw (the nightly drift figures). With
+    ``modalities``, an image of any other modality is not decoded nor
     predicted: its row gets the error ``modality_mismatch``.
     """
     import cv2
