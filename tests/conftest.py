@@ -78,3 +78,55 @@ def last_json(text: str) -> dict:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     assert lines, "the job printed nothing on stdout"
     return json.loads(lines[-1])
+
+
+def submit_killed(args: list[str], seconds: float | None,
+                  marker: str = "started Spark session") -> tuple[list[str], float]:
+    """Run ``scripts/submit.sh ARGS``; SIGKILL it ``seconds`` after ``marker`` appears (unless it ends first).
+
+    The job gets its own process group, so the kill takes the JVM and its
+    Python workers too, as a lost machine or the OOM killer would. Returns
+    the job's output lines and how long it ran after the marker; with
+    ``seconds`` None it runs to its end and must succeed.
+    """
+    import signal
+    import subprocess
+    import threading
+    import time
+    proc = subprocess.Popen([str(ROOT / "scripts" / "submit.sh"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 300
+        while not any(marker in line for line in list(lines)) and proc.poll() is None:
+            assert time.monotonic() < deadline, "".join(lines)[-3000:]
+            time.sleep(0.05)
+        started = time.monotonic()
+        try:
+            proc.wait(timeout=600 if seconds is None else seconds)
+        except subprocess.TimeoutExpired:
+            pass
+        ran = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        reader.join(timeout=60)
+    if seconds is None:
+        assert proc.returncode == 0, "".join(lines)[-3000:]
+    return lines, ran
+
+
+def seeded_moments(work_s: float, seed: int, count: int = 3) -> list[float]:
+    """``count`` moments drawn uniformly from ``[0, work_s)`` with a fixed seed."""
+    import random
+    rng = random.Random(seed)
+    return [rng.uniform(0.0, 1.0) * work_s for _ in range(count)]
+
+
+def last_step(lines: list[str]) -> str:
+    """The last oncolake log line of a job's output (where a killed job had got to)."""
+    steps = [line.strip() for line in lines if " INFO oncolake" in line]
+    return steps[-1] if steps else "(before its first log line)"

@@ -205,6 +205,34 @@ def test_a_run_killed_half_way_leaves_no_readable_version(spark, tmp_path, capsy
     assert sorted(p.name for p in root.iterdir()) == sorted(leftovers + ["v1"])
 
 
+def test_scratch_of_an_ended_process_or_a_day_old_is_swept_and_a_live_runs_is_kept(spark, tmp_path):
+    import socket
+    import subprocess
+    import sys
+    root = tmp_path / "tensors"
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    host = socket.gethostname()
+    names = {
+        "ended": f"_tmp-v1-0a0b0c0d-pid{ended.pid}@{host}",     # its process is gone: a killed run
+        "live": lakefs.scratch_name("v1"),                      # this process: a run still going
+        "elsewhere": f"_tmp-v1-0a0b0c0d-pid{ended.pid}@another-host",  # cannot tell: kept
+        "old elsewhere": f"_tmp-v1-1a1b1c1d-pid{ended.pid}@another-host",
+        "old style": "_tmp-v2-1a1b1c1d",
+        "published": "v1",
+    }
+    assert names["live"].endswith(f"-pid{os.getpid()}@{host}")
+    for name in names.values():
+        (root / name).mkdir(parents=True)
+        (root / name / "part-0.parquet").write_bytes(b"x")
+    day_ago = time.time() - preprocess.ABANDONED_AFTER_S - 60
+    for key in ("old elsewhere", "old style"):
+        os.utime(root / names[key], (day_ago, day_ago))
+    swept = lakefs.sweep_scratch(spark, lakefs.qualify(spark, str(root)), preprocess.ABANDONED_AFTER_S)
+    assert sorted(swept) == sorted(names[k] for k in ("ended", "old elsewhere", "old style"))
+    assert sorted(p.name for p in root.iterdir()) == sorted(names[k] for k in ("live", "elsewhere", "published"))
+
+
 def test_an_image_that_fails_to_decode_is_counted_and_left_out(spark, tmp_path, capsys):
     from pyspark.sql import functions as F
     folder, lake = tmp_path / "in", str(tmp_path / "lake")

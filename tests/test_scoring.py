@@ -13,7 +13,7 @@ from jobs import ingest as ingest_job
 from jobs import preprocess as preprocess_job
 from jobs import score as score_job
 from oncolake import config, evaluation, imaging, lake, registry, synthetic, training
-from tests.conftest import ROOT, last_json
+from tests.conftest import ROOT, last_json, last_step, seeded_moments, submit_killed
 from tests.test_stream import broker  # noqa: F401  (a fixture: the Kafka broker)
 
 
@@ -47,7 +47,11 @@ def template(spark, tmp_path_factory):
     model = training.build_model(16, [120.0] * 3, [50.0] * 3, config.TrainConfig(filters=(4,), dense_units=4))
     path = root / "model.keras"
     model.save(path)
-    record = {"size": 16, "resize": "stretch", "tensors_version": 1}
+    # what training records, as far as evaluate and scoring read it (no selection: not trained)
+    record = {"size": 16, "resize": "stretch", "tensors_version": 1, "architecture": "cnn3", "num_proc": 1,
+              "epochs_run": 0, "source_table_version": json.loads(
+                  (root / "lake" / "silver" / "tensors" / "syn" / "v1" / "manifest.json").read_text())[
+                  "source_table_version"]}
     registry.register(spark, lake.qualify(spark, lake_dir), "syn", {
         "model.keras": path.read_bytes(), "model.json": json.dumps(record).encode(),
         "metrics.json": json.dumps({"threshold": 0.5}).encode()})
@@ -431,11 +435,7 @@ def _night_tables(spark, lake_uri: str) -> dict[str, list]:
 @pytest.mark.faults
 def test_a_night_killed_at_three_seeded_moments_then_rerun_ends_as_one_uninterrupted_night(spark, tmp_path,
                                                                                           scored_lake):
-    import os
-    import random
-    import signal
     import subprocess
-    import threading
     import time
 
     from deltalake import DeltaTable as RustDeltaTable
@@ -449,43 +449,20 @@ def test_a_night_killed_at_three_seeded_moments_then_rerun_ends_as_one_uninterru
     (incoming / "cut.png").write_bytes((incoming / "p300_0.png").read_bytes()[:200])
     (incoming / "notes.png").write_text("not an image\n")
 
-    def night(lake: str) -> subprocess.Popen:  # its own process group: SIGKILL takes the JVM and workers too
-        return subprocess.Popen([str(ROOT / "scripts" / "submit.sh"), "nightly", "--lake", lake,
-                                 "--set", "nightly.dataset=syn", "--set", f"nightly.incoming={incoming}"],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-    def kill_after(proc: subprocess.Popen, seconds: float) -> list[str]:
-        """SIGKILL the job ``seconds`` after its Spark session started (unless it ends first); its output."""
-        lines: list[str] = []
-        reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-        reader.start()
-        deadline = time.monotonic() + 300
-        while not any("started Spark session" in line for line in list(lines)) and proc.poll() is None:
-            assert time.monotonic() < deadline, "".join(lines)[-3000:]
-            time.sleep(0.05)
-        try:
-            proc.wait(timeout=seconds)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=60)
-        reader.join(timeout=60)
-        return lines
+    def night(lake: str) -> list[str]:
+        return ["nightly", "--lake", lake, "--set", "nightly.dataset=syn", "--set", f"nightly.incoming={incoming}"]
 
     # the same night, uninterrupted and in this process: the tables to match, and how long the work takes
     start = time.monotonic()
-    run_quiet = _quiet(nightly_job, "--lake", str(twin / "lake"), "--set", "nightly.dataset=syn",
-                       "--set", f"nightly.incoming={incoming}")
+    run_quiet = _quiet(nightly_job, *night(str(twin / "lake"))[1:])
     work = time.monotonic() - start
     assert run_quiet["ingested"] == 40
-    rng = random.Random(14)
-    moments = [rng.uniform(0.0, 1.0) * work for _ in range(3)]
-    reached = []
-    for moment in moments:
-        output = kill_after(night(lake_dir), moment)
-        reached.append([line.strip() for line in output if " INFO oncolake" in line][-1:])
+    moments = seeded_moments(work, 14)
+    reached = [last_step(submit_killed(night(lake_dir), moment)[0]) for moment in moments]
     rerun_started = time.time()
-    out, _ = (proc := night(lake_dir)).communicate(timeout=600)
-    assert proc.returncode == 0, out[-3000:]
+    rerun = subprocess.run([str(ROOT / "scripts" / "submit.sh"), *night(lake_dir)], capture_output=True, text=True,
+                           timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:]
 
     # every table as after the one uninterrupted night: rows, keys, labels, no duplicates
     want, got = _night_tables(spark, lake.qualify(spark, str(twin / "lake"))), _night_tables(spark, lake_uri)
@@ -504,8 +481,92 @@ def test_a_night_killed_at_three_seeded_moments_then_rerun_ends_as_one_uninterru
         assert RustDeltaTable(str(path)).to_pyarrow_table().num_rows == spark.read.format("delta").load(
             str(path)).count(), table
     # no temporary folder left behind; the last run left no partial file of its own
-    leftovers = [p for p in (tmp_path / "lake").rglob("*")
-                 if (p.is_dir() and (p.name.startswith("_tmp-") or p.name == "_temporary"))
-                 or (lake.PARTIAL in p.name and p.stat().st_mtime >= rerun_started)]
-    assert leftovers == []
+    assert _no_leftovers(tmp_path / "lake", rerun_started) == []
     assert (tmp_path / "lake" / "reports" / "nightly.html").read_text().rstrip().endswith("</html>")
+
+
+def _killed_three_times_then_rerun(job: str, args: list[str], twin_args: list[str], seed: int) -> tuple[list, float]:
+    """Run ``job TWIN_ARGS`` whole (its timing), then ``job ARGS`` SIGKILLed at three seeded moments
+    of that run, then ``job ARGS`` whole; all through spark-submit.
+
+    Returns where each killed run had got to, and when the rerun started.
+    """
+    import time
+    _, work = submit_killed([job, *twin_args], None)
+    reached = [(round(m, 1), last_step(submit_killed([job, *args], m)[0])) for m in seeded_moments(work, seed)]
+    rerun_started = time.time()
+    submit_killed([job, *args], None)
+    return reached, rerun_started
+
+
+def _no_leftovers(root, since: float) -> list[str]:
+    """Scratch folders anywhere under ``root``, and partial files made after ``since``."""
+    return [str(p) for p in root.rglob("*")
+            if (p.is_dir() and (p.name.startswith(lake.SCRATCH) or p.name == "_temporary"))
+            or (lake.PARTIAL in p.name and p.stat().st_mtime >= since)]
+
+
+def _tensor_state(spark, lake_uri: str) -> dict:
+    """What preprocess leaves: versions, manifests (without their time), tensors and recorded splits."""
+    import hashlib
+
+    from oncolake import preprocess
+    versions = preprocess.published_versions(spark, lake_uri, "syn")
+    state = {"versions": versions}
+    for version in versions:
+        manifest = preprocess.read_manifest(spark, lake_uri, "syn", version)
+        manifest.pop("created_at"), manifest.pop("source_table")  # when, and which lake
+        state[f"manifest v{version}"] = manifest
+        tensors = spark.read.parquet(lake.tensors_uri(lake_uri, "syn", version))
+        state[f"tensors v{version}"] = sorted(
+            (r.image_id, r.label, r.split, hashlib.sha256(bytes(r.image)).hexdigest()) for r in tensors.collect())
+    splits = spark.read.format("delta").load(lake.table_uri(lake_uri, "silver.splits"))
+    state["splits"] = sorted(tuple(r) for r in splits.collect())
+    return state
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_preprocess_killed_at_three_seeded_moments_then_rerun_builds_the_one_version_an_uninterrupted_run_does(
+        spark, tmp_path, scored_lake):
+    from deltalake import DeltaTable as RustDeltaTable
+
+    lake_dir, lake_uri, _ = scored_lake
+    folder = synthetic.write_dataset(tmp_path / "more", groups=10, per_group=2, seed=23, start=400, malignant_every=2)
+    _quiet(ingest_job, "--lake", lake_dir, "--dataset", "syn", "--input", str(folder),
+           "--labels", str(folder / "labels.csv"), "--ingest-date", "2026-05-04")
+    twin = tmp_path / "twin" / "lake"
+    shutil.copytree(lake_dir, twin)
+    args = ["--lake", lake_dir, "--dataset", "syn", "--size", "16"]
+
+    reached, rerun_started = _killed_three_times_then_rerun("preprocess", args, ["--lake", str(twin), *args[2:]], 16)
+
+    want, got = _tensor_state(spark, lake.qualify(spark, str(twin))), _tensor_state(spark, lake_uri)
+    assert got == want, f"killed after {reached}"
+    assert got["versions"] == [1, 2]
+    # the killed runs' scratch folders are gone too: their driver processes have ended
+    assert _no_leftovers(tmp_path / "lake", rerun_started) == [], reached
+    path = tmp_path / "lake" / "silver" / "splits"
+    assert RustDeltaTable(str(path)).to_pyarrow_table().num_rows == len(got["splits"])
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_evaluate_killed_at_three_seeded_moments_then_rerun_leaves_what_an_uninterrupted_run_does(
+        spark, tmp_path, scored_lake):
+    lake_dir, lake_uri, model_dir = scored_lake
+    twin = tmp_path / "twin" / "lake"
+    shutil.copytree(lake_dir, twin)
+    args = ["--lake", lake_dir, "--dataset", "syn"]
+    reached, rerun_started = _killed_three_times_then_rerun("evaluate", args, ["--lake", str(twin), *args[2:]], 17)
+
+    mine, theirs = tmp_path / "lake" / "models" / "syn" / "v1", twin / "models" / "syn" / "v1"
+    def files(folder):
+        return sorted(p.name for p in folder.iterdir() if lake.PARTIAL not in p.name)
+    assert files(mine) == files(theirs), reached
+    for name in ("metrics.json", "reference.json"):  # whole, and the same figures
+        got, want = (json.loads((folder / name).read_text()) for folder in (mine, theirs))
+        got.pop("built_at", None), want.pop("built_at", None)
+        assert got == want, (name, reached)
+    assert (mine / "report.html").read_text().rstrip().endswith("</html>")
+    assert _no_leftovers(tmp_path / "lake", rerun_started) == [], reached

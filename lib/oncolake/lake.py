@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import socket
 import time
 import uuid
 from typing import Any, Callable, Iterator, TypeVar
@@ -208,6 +210,52 @@ def ages(spark: SparkSession, uri: str) -> dict[str, float]:
         return {}
     now_ms = time.time() * 1000
     return {str(s.getPath().getName()): (now_ms - s.getModificationTime()) / 1000 for s in fs.listStatus(path)}
+
+
+#: The prefix of a run's work in progress under a lake folder: readers skip it.
+SCRATCH = "_tmp-"
+
+
+def scratch_name(what: str) -> str:
+    """A fresh ``_tmp-WHAT-RANDOM-pidPID@HOST`` name for a run's work in progress.
+
+    The driver's process id and host are in the name so that the next run on
+    the same host can tell a killed run's leftovers (process gone) from a run
+    still going (:func:`sweep_scratch`).
+    """
+    return f"{SCRATCH}{what}-{uuid.uuid4().hex[:8]}-pid{os.getpid()}@{socket.gethostname()}"
+
+
+def _owner_gone(name: str) -> bool:
+    """True if ``name`` (from :func:`scratch_name`) was made on this host by a process that has ended."""
+    rest, _, host = name.rpartition("@")
+    _, _, pid = rest.rpartition("-pid")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def sweep_scratch(spark: SparkSession, root: str, max_age_s: float) -> list[str]:
+    """Delete the ``_tmp-*`` entries under ``root`` left by killed runs; returns their names.
+
+    An entry goes when the process that made it on this host has ended, or,
+    wherever it was made, when it is older than ``max_age_s`` (a live run
+    finishes far sooner). Younger entries from other hosts, or from a process
+    still running, may belong to a run in progress and are left alone.
+    """
+    swept = []
+    for name, age in ages(spark, root).items():
+        if name.startswith(SCRATCH) and (_owner_gone(name) or age > max_age_s):
+            log.info("deleting %s/%s, left by a killed run (%.0f s old)", root, name, age)
+            delete(spark, f"{root}/{name}")
+            swept.append(name)
+    return swept
 
 
 def copy(spark: SparkSession, src: str, dst: str) -> None:

@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import re
-import uuid
 from typing import Any, Iterator
 
 import numpy as np
@@ -53,7 +52,8 @@ MIN_FILES = 4
 #: Tensor bytes per decode task (and so per output file of the training split).
 TASK_BYTES = 64 * 2 ** 20
 #: A ``_tmp-*`` folder this old was left by a killed run (a live run finishes
-#: far sooner) and is deleted by the next run.
+#: far sooner) and is deleted by the next run; so is one whose driver process,
+#: on the same host, has ended (:func:`oncolake.lake.sweep_scratch`).
 ABANDONED_AFTER_S = 24 * 3600
 _SUMS = ("s0", "s1", "s2", "q0", "q1", "q2")
 _TENSORS = ("image_id string, label int, group_id string, split string, image binary, keep boolean, first boolean, "
@@ -124,6 +124,7 @@ def _run(spark, cfg, dataset, lake_uri, source_version, labelled) -> dict[str, A
     if len(counts) < 2:
         raise DataQualityError(f"dataset {dataset} has a single class ({counts}); need benign and malignant")
     with _step("list versions"):
+        lake.sweep_scratch(spark, lake.tensors_root(lake_uri, dataset), ABANDONED_AFTER_S)
         versions = published_versions(spark, lake_uri, dataset)
         manifests = {v: read_manifest(spark, lake_uri, dataset, v) for v in versions}
     for version, manifest in manifests.items():
@@ -131,7 +132,6 @@ def _run(spark, cfg, dataset, lake_uri, source_version, labelled) -> dict[str, A
             log.info("tensors v%d already hold this data and configuration", version)
             return _summary(dataset, version, lake.tensors_root(lake_uri, dataset), manifest, created=False)
 
-    _sweep_abandoned(spark, lake.tensors_root(lake_uri, dataset))
     splits_uri = lake.table_uri(lake_uri, "silver.splits")
     images = labelled.filter(F.col("label").isNotNull())
     # group -> split is small: kept, so the plan and the decode see one assignment.
@@ -139,7 +139,7 @@ def _run(spark, cfg, dataset, lake_uri, source_version, labelled) -> dict[str, A
         spark, splits_uri, dataset, manifests, pcfg), pcfg).persist()
     version = (versions[-1] + 1) if versions else 1
     # Everything is built under _tmp-* (ignored by readers) and renamed into place.
-    tmp = f"{lake.tensors_root(lake_uri, dataset)}/_tmp-v{version}-{uuid.uuid4().hex[:8]}"
+    tmp = f"{lake.tensors_root(lake_uri, dataset)}/{lake.scratch_name(f'v{version}')}"
     try:
         meta = images.drop("content").join(F.broadcast(assignment), "group_key")
         with _step("plan"):
@@ -192,18 +192,6 @@ def _check_filled(dataset: str, counts: dict[str, dict[str, int]], require_all: 
     if not require_all and any(sum(counts[s].values()) == 0 for s in SPLITS):
         log.warning("dataset %s leaves a split empty (%s): tensors for inspection only, not for training",
                     dataset, counts)
-
-
-def _sweep_abandoned(spark: SparkSession, root: str) -> None:
-    """Delete the ``_tmp-*`` folders of runs killed more than ABANDONED_AFTER_S ago.
-
-    Readers never see them, but a killed run can leave a whole set of tensors
-    behind; younger ones may belong to a run still going and are left alone.
-    """
-    for name, age in lake.ages(spark, root).items():
-        if name.startswith("_tmp-") and age > ABANDONED_AFTER_S:
-            log.info("deleting %s/%s, left by a run killed %.0f hours ago", root, name, age / 3600)
-            lake.delete(spark, f"{root}/{name}")
 
 
 def _check(pcfg: PreprocessConfig) -> None:
