@@ -368,15 +368,22 @@ def _together(barrier: str, folder, *commands: list[str], roots=()) -> list[tupl
     import subprocess
     env = {**os.environ, "ONCOLAKE_BARRIER": f"{barrier}:{len(commands)}:{folder}"}
     roots = list(roots) + [ROOT] * (len(commands) - len(roots))
-    # spark-submit's PythonRunner merges the driver's stderr into its stdout anyway
-    procs = [subprocess.Popen([str(root / "scripts" / "submit.sh"), *cmd], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, env=env) for root, cmd in zip(roots, commands)]
+    # Each job's output goes to a file: read through pipes one after the other,
+    # a job that filled its pipe (64 kB of logs) would block before the barrier
+    # while the other waited there for it.
+    logs = [Path(f"{folder}-{i}.log") for i in range(len(commands))]
+    procs = []
+    for root, cmd, log in zip(roots, commands, logs):
+        with log.open("w") as out:  # spark-submit's PythonRunner merges the driver's stderr into its stdout
+            procs.append(subprocess.Popen([str(root / "scripts" / "submit.sh"), *cmd], stdout=out,
+                                          stderr=subprocess.STDOUT, text=True, env=env))
     results = []
-    for proc in procs:
+    for proc, log in zip(procs, logs):
         try:
-            out, _ = proc.communicate(timeout=600)
+            proc.wait(timeout=600)
         finally:
             proc.kill()
+        out = log.read_text()
         results.append((proc.returncode, last_json(out) if proc.returncode == 0 else None, out))
     return results
 

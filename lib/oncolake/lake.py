@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import socket
 import time
 import uuid
@@ -300,12 +301,52 @@ def is_local(uri: str) -> bool:
 
 def ensure_delta_table(spark: SparkSession, uri: str, schema: StructType,
                        partition_by: tuple[str, ...] = ()) -> DeltaTable:
-    """The Delta table at ``uri``, created empty with ``schema`` if it does not exist."""
+    """The Delta table at ``uri``, created empty with ``schema`` if it does not exist.
+
+    Two runs creating the same table at once are safe: the loser of the first
+    commit retries. A run that finds ``_delta_log`` without a commit yet (the
+    other run has made the folder and is writing version 0; Delta then says
+    the table does not exist) waits for that commit; such a folder older than
+    :data:`STALE_PARTIAL_S` was left by a run killed while creating the table,
+    holds nothing readable, and is removed.
+    """
     def create() -> DeltaTable:
         (DeltaTable.createIfNotExists(spark).location(uri).addColumns(schema)
          .partitionedBy(*partition_by).execute())
         return DeltaTable.forPath(spark, uri)
-    return with_retry(create, f"create {uri}")
+    from pyspark.errors import AnalysisException
+    attempts = 10
+    for attempt in range(1, attempts + 1):
+        try:
+            return with_retry(create, f"create {uri}")
+        except AnalysisException as err:
+            if "DELTA_TABLE_NOT_FOUND" not in str(err) or attempt == attempts:
+                raise
+        age = _uncommitted_log_age(spark, uri)
+        if age is not None and age > STALE_PARTIAL_S:
+            log.warning("%s/_delta_log holds no commit and is %.0f s old: left by a run killed while creating "
+                        "the table; removing it", uri, age)
+            delete(spark, f"{uri}/_delta_log")
+        else:
+            log.warning("create %s lost a concurrent commit (another run is creating the table); retry %d/%d",
+                        uri, attempt, attempts - 1)
+            time.sleep(0.5 * attempt)
+    raise AssertionError("unreachable")
+
+
+#: A Delta commit or checkpoint file in ``_delta_log``.
+_COMMIT = re.compile(r"^\d{20}\.(json|checkpoint\..*parquet)$")
+
+
+def _uncommitted_log_age(spark: SparkSession, uri: str) -> float | None:
+    """Seconds since ``uri``'s ``_delta_log`` (or anything in it) last changed, if it holds no commit; else None."""
+    path, fs = _hadoop_path(spark, f"{uri}/_delta_log")
+    if not fs.exists(path):
+        return None
+    entries = ages(spark, f"{uri}/_delta_log")
+    if any(_COMMIT.match(name) for name in entries):
+        return None
+    return min([(time.time() * 1000 - fs.getFileStatus(path).getModificationTime()) / 1000, *entries.values()])
 
 
 def add_missing_columns(spark: SparkSession, uri: str, schema: StructType) -> list[str]:

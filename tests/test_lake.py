@@ -1,0 +1,46 @@
+"""The lake's storage helpers where a race or a killed run meets them."""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import threading
+import time
+
+from oncolake import lake, schema
+
+
+def test_a_table_whose_creation_was_killed_before_its_first_commit_is_created_again(spark, tmp_path, caplog):
+    folder = tmp_path / "gold" / "predictions"
+    (folder / "_delta_log").mkdir(parents=True)  # what a run killed between mkdir and version 0 leaves
+    (folder / "_delta_log" / ".00000000000000000000.json.crc.tmp").write_bytes(b"")
+    long_ago = time.time() - lake.STALE_PARTIAL_S - 30
+    for path in (folder / "_delta_log", *(folder / "_delta_log").iterdir()):
+        os.utime(path, (long_ago, long_ago))
+    uri = lake.qualify(spark, str(folder))
+    table = lake.ensure_delta_table(spark, uri, schema.GOLD_PREDICTIONS, schema.GOLD_PREDICTIONS_PARTITIONS)
+    assert table.toDF().schema.fieldNames() == schema.GOLD_PREDICTIONS.fieldNames()
+    assert (folder / "_delta_log" / "00000000000000000000.json").is_file()
+    assert "left by a run killed while creating the table" in caplog.text
+
+
+def test_a_run_that_meets_another_creating_the_table_waits_for_its_first_commit(spark, tmp_path, caplog):
+    folder = tmp_path / "gold" / "predictions"
+    (folder / "_delta_log").mkdir(parents=True)  # the other run has made the folder, not yet version 0
+    uri = lake.qualify(spark, str(folder))
+    rows = [("a" * 64, "syn", 1, 0.9, 1, 0.5, None, dt.datetime(2026, 5, 1, 2), dt.date(2026, 5, 1), 0.1, 0.2, 0.3)]
+    other = threading.Thread(target=lambda: _commit_first(spark, uri, rows), daemon=True)
+    other.start()
+    try:
+        table = lake.ensure_delta_table(spark, uri, schema.GOLD_PREDICTIONS, schema.GOLD_PREDICTIONS_PARTITIONS)
+    finally:
+        other.join(timeout=60)
+    assert table.toDF().count() == 1  # the other run's table, not a second one
+    assert sorted(p.name for p in (folder / "_delta_log").iterdir() if p.suffix == ".json") == [
+        "00000000000000000000.json"]
+    assert "another run is creating the table" in caplog.text
+
+
+def _commit_first(spark, uri: str, rows) -> None:
+    time.sleep(2.0)
+    spark.createDataFrame(rows, schema.GOLD_PREDICTIONS).write.format("delta").partitionBy(
+        *schema.GOLD_PREDICTIONS_PARTITIONS).save(uri)
