@@ -3,6 +3,7 @@ import contextlib
 import io
 import json
 import shutil
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -304,7 +305,6 @@ def test_a_dicom_night_scored_by_a_model_of_another_modality_is_refused_row_by_r
 def test_a_tampered_model_file_is_refused_before_it_is_loaded(spark, tmp_path, capsys, scored_lake):
     import hashlib
     import subprocess
-    from pathlib import Path
 
 
     lake_dir, lake_uri, model_dir = scored_lake
