@@ -62,3 +62,17 @@ def _commit_first(spark, uri: str, rows) -> None:
     time.sleep(2.0)
     spark.createDataFrame(rows, schema.GOLD_PREDICTIONS).write.format("delta").partitionBy(
         *schema.GOLD_PREDICTIONS_PARTITIONS).save(uri)
+
+
+def test_a_rerun_straight_after_a_killed_creation_waits_until_the_leftover_is_stale(spark, tmp_path, monkeypatch):
+    monkeypatch.setattr(lake, "STALE_PARTIAL_S", 3.0)  # a minute in production
+    folder = tmp_path / "gold" / "nightly_runs"
+    (folder / "_delta_log").mkdir(parents=True)  # killed a moment ago, before version 0
+    uri = lake.qualify(spark, str(folder))
+    start = time.monotonic()
+    with _warnings_of_lake() as seen:
+        lake.ensure_delta_table(spark, uri, schema.GOLD_NIGHTLY_RUNS)
+    assert time.monotonic() - start >= 3.0
+    assert any("another run is creating the table" in m for m in seen), seen  # first it waited
+    assert any("left by a run killed while creating the table" in m for m in seen), seen  # then removed it
+    assert (folder / "_delta_log" / "00000000000000000000.json").is_file()

@@ -308,30 +308,32 @@ def ensure_delta_table(spark: SparkSession, uri: str, schema: StructType,
     other run has made the folder and is writing version 0; Delta then says
     the table does not exist) waits for that commit; such a folder older than
     :data:`STALE_PARTIAL_S` was left by a run killed while creating the table,
-    holds nothing readable, and is removed.
+    holds nothing readable, and is removed. A rerun straight after such a kill
+    therefore waits about a minute, then creates the table.
     """
     def create() -> DeltaTable:
         (DeltaTable.createIfNotExists(spark).location(uri).addColumns(schema)
          .partitionedBy(*partition_by).execute())
         return DeltaTable.forPath(spark, uri)
     from pyspark.errors import AnalysisException
-    attempts = 10
-    for attempt in range(1, attempts + 1):
+    deadline = time.monotonic() + STALE_PARTIAL_S + 30  # long enough for a killed creation to go stale
+    attempt = 0
+    while True:
         try:
             return with_retry(create, f"create {uri}")
         except AnalysisException as err:
-            if "DELTA_TABLE_NOT_FOUND" not in str(err) or attempt == attempts:
+            if "DELTA_TABLE_NOT_FOUND" not in str(err) or time.monotonic() > deadline:
                 raise
+        attempt += 1
         age = _uncommitted_log_age(spark, uri)
         if age is not None and age > STALE_PARTIAL_S:
             log.warning("%s/_delta_log holds no commit and is %.0f s old: left by a run killed while creating "
                         "the table; removing it", uri, age)
             delete(spark, f"{uri}/_delta_log")
         else:
-            log.warning("create %s lost a concurrent commit (another run is creating the table); retry %d/%d",
-                        uri, attempt, attempts - 1)
-            time.sleep(0.5 * attempt)
-    raise AssertionError("unreachable")
+            log.warning("create %s lost a concurrent commit (another run is creating the table, or one killed "
+                        "while creating it left _delta_log without a commit); retry %d", uri, attempt)
+            time.sleep(min(0.5 * attempt, 5.0))
 
 
 #: A Delta commit or checkpoint file in ``_delta_log``.
