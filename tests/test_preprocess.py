@@ -197,7 +197,7 @@ def test_a_run_killed_half_way_leaves_no_readable_version(spark, tmp_path, capsy
     # a second killed run, a day ago: the next run deletes its leftovers, not the fresh ones
     stale = root / "_tmp-v1-stale"
     shutil.copytree(root / leftovers[0], stale)
-    day_ago = time.time() - preprocess.ABANDONED_AFTER_S - 60
+    day_ago = time.time() - lakefs.ABANDONED_AFTER_S - 60
     os.utime(stale, (day_ago, day_ago))
     code, out, err = run(preprocess_job, capsys, "--lake", lake, "--dataset", "kill", "--size", "16")
     assert code == 0 and out["version"] == 1, err
@@ -225,10 +225,10 @@ def test_scratch_of_an_ended_process_or_a_day_old_is_swept_and_a_live_runs_is_ke
     for name in names.values():
         (root / name).mkdir(parents=True)
         (root / name / "part-0.parquet").write_bytes(b"x")
-    day_ago = time.time() - preprocess.ABANDONED_AFTER_S - 60
+    day_ago = time.time() - lakefs.ABANDONED_AFTER_S - 60
     for key in ("old elsewhere", "old style"):
         os.utime(root / names[key], (day_ago, day_ago))
-    swept = lakefs.sweep_scratch(spark, lakefs.qualify(spark, str(root)), preprocess.ABANDONED_AFTER_S)
+    swept = lakefs.sweep_scratch(spark, lakefs.qualify(spark, str(root)))
     assert sorted(swept) == sorted(names[k] for k in ("ended", "old elsewhere", "old style"))
     assert sorted(p.name for p in root.iterdir()) == sorted(names[k] for k in ("live", "elsewhere", "published"))
 

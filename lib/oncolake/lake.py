@@ -215,6 +215,9 @@ def ages(spark: SparkSession, uri: str) -> dict[str, float]:
 
 #: The prefix of a run's work in progress under a lake folder: readers skip it.
 SCRATCH = "_tmp-"
+#: A ``_tmp-*`` folder this old was left by a killed run wherever it was made
+#: (a live run finishes far sooner).
+ABANDONED_AFTER_S = 24 * 3600
 
 
 def scratch_name(what: str) -> str:
@@ -242,7 +245,7 @@ def _owner_gone(name: str) -> bool:
     return False
 
 
-def sweep_scratch(spark: SparkSession, root: str, max_age_s: float) -> list[str]:
+def sweep_scratch(spark: SparkSession, root: str, max_age_s: float = ABANDONED_AFTER_S) -> list[str]:
     """Delete the ``_tmp-*`` entries under ``root`` left by killed runs; returns their names.
 
     An entry goes when the process that made it on this host has ended, or,

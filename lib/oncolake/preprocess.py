@@ -51,10 +51,6 @@ _VERSION = re.compile(r"^v(\d+)$")
 MIN_FILES = 4
 #: Tensor bytes per decode task (and so per output file of the training split).
 TASK_BYTES = 64 * 2 ** 20
-#: A ``_tmp-*`` folder this old was left by a killed run (a live run finishes
-#: far sooner) and is deleted by the next run; so is one whose driver process,
-#: on the same host, has ended (:func:`oncolake.lake.sweep_scratch`).
-ABANDONED_AFTER_S = 24 * 3600
 _SUMS = ("s0", "s1", "s2", "q0", "q1", "q2")
 _TENSORS = ("image_id string, label int, group_id string, split string, image binary, keep boolean, first boolean, "
             "s0 double, s1 double, s2 double, q0 double, q1 double, q2 double, error string")
@@ -124,7 +120,7 @@ def _run(spark, cfg, dataset, lake_uri, source_version, labelled) -> dict[str, A
     if len(counts) < 2:
         raise DataQualityError(f"dataset {dataset} has a single class ({counts}); need benign and malignant")
     with _step("list versions"):
-        lake.sweep_scratch(spark, lake.tensors_root(lake_uri, dataset), ABANDONED_AFTER_S)
+        lake.sweep_scratch(spark, lake.tensors_root(lake_uri, dataset))  # killed runs' _tmp-* folders
         versions = published_versions(spark, lake_uri, dataset)
         manifests = {v: read_manifest(spark, lake_uri, dataset, v) for v in versions}
     for version, manifest in manifests.items():

@@ -63,9 +63,6 @@ def pixel_options(record: Mapping[str, Any]) -> dict[str, bool]:
 
 #: The file beside each version that holds the SHA-256 of the model file as registered.
 CHECKSUMS = "checksums.json"
-#: A ``_tmp-*`` folder this old under a dataset's models was left by a killed
-#: registration; so is one whose process on this host has ended.
-ABANDONED_AFTER_S = 24 * 3600
 
 
 def verified(data: bytes, checksums: bytes | None, model_dir: str) -> bytes:
@@ -125,7 +122,7 @@ def register(spark: SparkSession, lake_uri: str, dataset: str, files: Mapping[st
     checks it (:func:`read_model_bytes`).
     """
     root = lake.models_root(lake_uri, dataset)
-    lake.sweep_scratch(spark, root, ABANDONED_AFTER_S)
+    lake.sweep_scratch(spark, root)  # killed registrations' _tmp-* folders
     tmp = f"{root}/{lake.scratch_name('model')}"
     if "model.keras" in files:
         files = {**files, CHECKSUMS: json.dumps(
