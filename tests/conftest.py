@@ -130,3 +130,26 @@ def last_step(lines: list[str]) -> str:
     """The last oncolake log line of a job's output (where a killed job had got to)."""
     steps = [line.strip() for line in lines if " INFO oncolake" in line]
     return steps[-1] if steps else "(before its first log line)"
+
+
+def killed_three_times_then_rerun(job: str, args: list[str], twin_args: list[str],
+                                  seed: int) -> tuple[list, float, dict]:
+    """Run ``job TWIN_ARGS`` whole (its timing), then ``job ARGS`` SIGKILLed at three seeded moments
+    of that run, then ``job ARGS`` whole; all through spark-submit.
+
+    Returns where each killed run had got to, when the rerun started, and its summary.
+    """
+    import time
+    _, work = submit_killed([job, *twin_args], None)
+    reached = [(round(m, 1), last_step(submit_killed([job, *args], m)[0])) for m in seeded_moments(work, seed)]
+    rerun_started = time.time()
+    lines, _ = submit_killed([job, *args], None)
+    return reached, rerun_started, last_json("".join(lines))
+
+
+def no_leftovers(root, since: float) -> list[str]:
+    """Scratch folders anywhere under ``root``, and partial files made after ``since``."""
+    from oncolake import lake
+    return [str(p) for p in root.rglob("*")
+            if (p.is_dir() and (p.name.startswith(lake.SCRATCH) or p.name == "_temporary"))
+            or (lake.PARTIAL in p.name and p.stat().st_mtime >= since)]

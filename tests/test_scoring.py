@@ -14,7 +14,8 @@ from jobs import ingest as ingest_job
 from jobs import preprocess as preprocess_job
 from jobs import score as score_job
 from oncolake import config, evaluation, imaging, lake, registry, synthetic, training
-from tests.conftest import ROOT, last_json, last_step, seeded_moments, submit_killed
+from tests.conftest import (ROOT, killed_three_times_then_rerun, last_json, last_step, no_leftovers, seeded_moments,
+                            submit_killed)
 from tests.test_stream import broker  # noqa: F401  (a fixture: the Kafka broker)
 
 
@@ -488,29 +489,8 @@ def test_a_night_killed_at_three_seeded_moments_then_rerun_ends_as_one_uninterru
         assert RustDeltaTable(str(path)).to_pyarrow_table().num_rows == spark.read.format("delta").load(
             str(path)).count(), table
     # no temporary folder left behind; the last run left no partial file of its own
-    assert _no_leftovers(tmp_path / "lake", rerun_started) == []
+    assert no_leftovers(tmp_path / "lake", rerun_started) == []
     assert (tmp_path / "lake" / "reports" / "nightly.html").read_text().rstrip().endswith("</html>")
-
-
-def _killed_three_times_then_rerun(job: str, args: list[str], twin_args: list[str], seed: int) -> tuple[list, float]:
-    """Run ``job TWIN_ARGS`` whole (its timing), then ``job ARGS`` SIGKILLed at three seeded moments
-    of that run, then ``job ARGS`` whole; all through spark-submit.
-
-    Returns where each killed run had got to, and when the rerun started.
-    """
-    import time
-    _, work = submit_killed([job, *twin_args], None)
-    reached = [(round(m, 1), last_step(submit_killed([job, *args], m)[0])) for m in seeded_moments(work, seed)]
-    rerun_started = time.time()
-    submit_killed([job, *args], None)
-    return reached, rerun_started
-
-
-def _no_leftovers(root, since: float) -> list[str]:
-    """Scratch folders anywhere under ``root``, and partial files made after ``since``."""
-    return [str(p) for p in root.rglob("*")
-            if (p.is_dir() and (p.name.startswith(lake.SCRATCH) or p.name == "_temporary"))
-            or (lake.PARTIAL in p.name and p.stat().st_mtime >= since)]
 
 
 def _tensor_state(spark, lake_uri: str) -> dict:
@@ -546,13 +526,13 @@ def test_preprocess_killed_at_three_seeded_moments_then_rerun_builds_the_one_ver
     shutil.copytree(lake_dir, twin)
     args = ["--lake", lake_dir, "--dataset", "syn", "--size", "16"]
 
-    reached, rerun_started = _killed_three_times_then_rerun("preprocess", args, ["--lake", str(twin), *args[2:]], 16)
+    reached, rerun_started, _ = killed_three_times_then_rerun("preprocess", args, ["--lake", str(twin), *args[2:]], 16)
 
     want, got = _tensor_state(spark, lake.qualify(spark, str(twin))), _tensor_state(spark, lake_uri)
     assert got == want, f"killed after {reached}"
     assert got["versions"] == [1, 2]
     # the killed runs' scratch folders are gone too: their driver processes have ended
-    assert _no_leftovers(tmp_path / "lake", rerun_started) == [], reached
+    assert no_leftovers(tmp_path / "lake", rerun_started) == [], reached
     path = tmp_path / "lake" / "silver" / "splits"
     assert RustDeltaTable(str(path)).to_pyarrow_table().num_rows == len(got["splits"])
 
@@ -565,7 +545,7 @@ def test_evaluate_killed_at_three_seeded_moments_then_rerun_leaves_what_an_unint
     twin = tmp_path / "twin" / "lake"
     shutil.copytree(lake_dir, twin)
     args = ["--lake", lake_dir, "--dataset", "syn"]
-    reached, rerun_started = _killed_three_times_then_rerun("evaluate", args, ["--lake", str(twin), *args[2:]], 17)
+    reached, rerun_started, _ = killed_three_times_then_rerun("evaluate", args, ["--lake", str(twin), *args[2:]], 17)
 
     mine, theirs = tmp_path / "lake" / "models" / "syn" / "v1", twin / "models" / "syn" / "v1"
     def files(folder):
@@ -576,4 +556,4 @@ def test_evaluate_killed_at_three_seeded_moments_then_rerun_leaves_what_an_unint
         got.pop("built_at", None), want.pop("built_at", None)
         assert got == want, (name, reached)
     assert (mine / "report.html").read_text().rstrip().endswith("</html>")
-    assert _no_leftovers(tmp_path / "lake", rerun_started) == [], reached
+    assert no_leftovers(tmp_path / "lake", rerun_started) == [], reached

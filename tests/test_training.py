@@ -1,9 +1,11 @@
 """Training: the model, and Horovod on Spark with two ranks (slow)."""
+import hashlib
 import json
 import os
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import cv2
@@ -14,8 +16,8 @@ from sklearn.metrics import roc_auc_score
 
 from jobs import ingest as ingest_job
 from jobs import preprocess as preprocess_job
-from oncolake import config, imaging, synthetic, training
-from tests.conftest import ROOT, last_json
+from oncolake import config, imaging, lake, registry, synthetic, training
+from tests.conftest import ROOT, killed_three_times_then_rerun, last_json, no_leftovers
 
 
 def test_model_takes_uint8_and_normalises_inside():
@@ -147,6 +149,7 @@ def test_horovod_two_ranks_train_one_epoch_with_identical_weights(spark, tmp_pat
                      "--set", "train.dense_units=8", "--set", "train.min_steps_per_epoch=5",
                      "--set", "train.patience=10")
     assert (summary["num_proc"], summary["epochs_run"], summary["model_version"]) == (2, 3, 1)
+    assert summary["already_registered"] is False
     # about 42 training images in batches of 8 on 2 ranks make 3 steps; the floor makes 5
     assert summary["steps_per_epoch"] == 5
     assert summary["ranks_identical"] is True
@@ -243,3 +246,49 @@ def test_horovod_two_ranks_train_one_epoch_with_identical_weights(spark, tmp_pat
     assert resumed["best_val_auc"] >= record["best_val_auc"]
     assert resumed["best_epoch"] in (record["best_epoch"], 4)
     assert json.loads((run_dir / "state.json").read_text())["epochs_done"] == 4
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_train_killed_at_three_seeded_moments_then_rerun_registers_the_one_model_an_uninterrupted_run_does(
+        spark, tmp_path, capsys):
+    folder, lake_dir = tmp_path / "in", tmp_path / "lake"
+    synthetic.write_dataset(folder, groups=20, per_group=2, seed=5, malignant_every=2)
+    run(ingest_job, capsys, "--lake", str(lake_dir), "--dataset", "syn", "--input", str(folder),
+        "--labels", str(folder / "labels.csv"))
+    run(preprocess_job, capsys, "--lake", str(lake_dir), "--dataset", "syn", "--size", "16")
+    twin = tmp_path / "twin" / "lake"
+    shutil.copytree(lake_dir, twin)
+    settings = ["--master", "local[2]", "--dataset", "syn", "--epochs", "3", "--num-proc", "2", "--batch-size", "8",
+                "--set", "train.filters=[4, 8]", "--set", "train.dense_units=8",
+                "--set", "train.min_steps_per_epoch=5", "--set", "train.patience=10"]
+    args = ["--lake", str(lake_dir), *settings]
+
+    reached, rerun_started, rerun = killed_three_times_then_rerun("train", args, ["--lake", str(twin), *settings], 18)
+
+    def versions(root):
+        return sorted(p.name for p in (root / "models" / "syn").iterdir() if not p.name.startswith("_"))
+    assert versions(lake_dir) == versions(twin) == ["v1"], reached
+    model_dir = lake_dir / "models" / "syn" / "v1"
+    mine, theirs = (json.loads((root / "models" / "syn" / "v1" / "model.json").read_text()) for root in (lake_dir, twin))
+    for field in ("training_key", "tensors_version", "source_table_version", "hyperparameters", "num_proc",
+                  "steps_per_epoch", "size", "normalisation", "modalities"):
+        assert mine[field] == theirs[field], (field, reached)
+    assert (rerun["model_version"], rerun["best_val_auc"]) == (1, mine["best_val_auc"]), reached
+    # the model file is whole: its checksum (recorded at registration) holds, and Keras loads it
+    checksums = json.loads((model_dir / "checksums.json").read_text())
+    assert hashlib.sha256((model_dir / "model.keras").read_bytes()).hexdigest() == checksums["model.keras"]
+    registry.load_model(spark, lake.qualify(spark, str(model_dir)))
+    # one run folder, the one that registered: the killed attempts' are deleted, and no scratch is left,
+    # in the lake or in the ranks' local temporary folders
+    runs = sorted((lake_dir / "models" / "syn" / "_runs").iterdir())
+    assert [(run_dir / "registered").read_text() for run_dir in runs] == [rerun["model_uri"]], (runs, reached)
+    assert no_leftovers(lake_dir, rerun_started) == [], reached
+    scratch = Path(tempfile.gettempdir()).glob(f"{lake.SCRATCH}train-*")
+    assert [p for p in scratch if lake.owner_gone(p.name)] == [], reached
+
+    # and a rerun now trains nothing: it answers with the registered model
+    again = submit("train", *args)
+    assert (again["already_registered"], again["model_version"], again["best_val_auc"]) == (
+        True, 1, mine["best_val_auc"])
+    assert versions(lake_dir) == ["v1"]

@@ -230,8 +230,9 @@ def scratch_name(what: str) -> str:
     return f"{SCRATCH}{what}-{uuid.uuid4().hex[:8]}-pid{os.getpid()}@{socket.gethostname()}"
 
 
-def _owner_gone(name: str) -> bool:
-    """True if ``name`` (from :func:`scratch_name`) was made on this host by a process that has ended."""
+def owner_gone(name: str) -> bool:
+    """True if ``name`` (ending ``-pidPID@HOST``, as :func:`scratch_name`'s do) was made on this host
+    by a process that has ended."""
     rest, _, host = name.rpartition("@")
     _, _, pid = rest.rpartition("-pid")
     if host != socket.gethostname() or not pid.isdigit():
@@ -255,7 +256,7 @@ def sweep_scratch(spark: SparkSession, root: str, max_age_s: float = ABANDONED_A
     """
     swept = []
     for name, age in ages(spark, root).items():
-        if name.startswith(SCRATCH) and (_owner_gone(name) or age > max_age_s):
+        if name.startswith(SCRATCH) and (owner_gone(name) or age > max_age_s):
             log.info("deleting %s/%s, left by a killed run (%.0f s old)", root, name, age)
             delete(spark, f"{root}/{name}")
             swept.append(name)

@@ -114,6 +114,15 @@ def model_bytes(model) -> bytes:
         return path.read_bytes()
 
 
+def find(spark: SparkSession, lake_uri: str, dataset: str, training_key: str) -> tuple[int, str] | None:
+    """The newest registered version whose ``model.json`` has this ``training_key``, and its folder."""
+    for version in reversed(versions(spark, lake_uri, dataset)):
+        model_dir = version_uri(lake_uri, dataset, version)
+        if read_record(spark, model_dir).get("training_key") == training_key:
+            return version, model_dir
+    return None
+
+
 def register(spark: SparkSession, lake_uri: str, dataset: str, files: Mapping[str, bytes],
              lake_dirs: Mapping[str, str] = ()) -> tuple[int, str]:
     """Register the next version from file contents and folders already in the lake (TensorBoard logs).

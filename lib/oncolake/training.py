@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 ARCHITECTURES = ("cnn3", "separable")
 CHECKPOINT = "last.weights.h5"
 BEST = "best.weights.h5"
+#: In each run folder: the training_key of the model it is training.
+KEY = "key"
 
 
 def build_model(size: int, mean: list[float], std: list[float], tcfg: TrainConfig):
@@ -172,7 +174,7 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
     # Keras writes checkpoints to local scratch; rank 0 copies them to the run
     # folder in the lake (local disk or HDFS) after every epoch.
     fs, run_path = lake.python_fs(spec["run_uri"], spec["hdfs"])
-    scratch = Path(tempfile.mkdtemp(prefix=f"oncolake-train-rank{rank}-"))
+    scratch = _local_scratch(rank)
     try:
         model = build_model(spec["size"], spec["mean"], spec["std"], tcfg)
         optimizer = hvd.DistributedOptimizer(tf.keras.optimizers.Adam(tcfg.learning_rate * size))
@@ -309,9 +311,29 @@ def _save_progress(fs, run_path: str, scratch: Path, state: dict[str, Any]) -> N
     fs.put_file(str(scratch / "state.json"), f"{run_path}/state.json")
 
 
+#: Train settings that change how fast a model trains, not which model: left out of its key.
+_SPEED_ONLY = ("profile_steps", "cache_mb")
+
+
+def training_key(dataset: str, tensors_version: int, manifest: dict[str, Any], tcfg: TrainConfig,
+                 num_proc: int) -> str:
+    """What a model is trained from: the tensor version (its manifest, less when and where it was
+    built), the train settings and the number of processes. The SHA-256 of those, as JSON."""
+    settings = {k: v for k, v in dataclasses.asdict(tcfg).items() if k not in _SPEED_ONLY}
+    what = {"dataset": dataset, "tensors_version": tensors_version, "num_proc": num_proc, "train": settings,
+            "manifest": {k: v for k, v in manifest.items() if k not in ("created_at", "source_table")}}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
 def run(spark: SparkSession, cfg: Config, dataset: str, tensors_version: int | None = None,
-        resume: bool = False) -> dict[str, Any]:
-    """Train on a tensor dataset version and register the model as the next version."""
+        resume: bool = False, again: bool = False) -> dict[str, Any]:
+    """Train on a tensor dataset version and register the model as the next version.
+
+    A model already registered from the same tensors with the same settings
+    (:func:`training_key`) is the answer to a rerun: nothing is trained, and
+    the run folders that killed attempts at it left are deleted. ``again``
+    trains and registers another one anyway.
+    """
     tcfg = cfg.train
     lake_uri = lake.qualify(spark, cfg.lake)
     versions = preprocess.published_versions(spark, lake_uri, dataset)
@@ -330,7 +352,17 @@ def run(spark: SparkSession, cfg: Config, dataset: str, tensors_version: int | N
         raise ConfigError(f"train.num_proc={num_proc} but Spark has only {slots} task slots")
     train_rows = manifest["balancing"]["after"]
     n_train = sum(int(v) for v in train_rows.values())
-    run_uri = _run_uri(spark, f"{lake.models_root(lake_uri, dataset)}/_runs", resume)
+    key = training_key(dataset, tensors_version, manifest, tcfg, num_proc)
+    runs_uri = f"{lake.models_root(lake_uri, dataset)}/_runs"
+    found = None if again else registry.find(spark, lake_uri, dataset, key)
+    if found:
+        version, model_dir = found
+        log.info("model v%d was trained from tensors v%d with these settings: nothing to train "
+                 "(--again trains another)", version, tensors_version)
+        _sweep_runs(spark, runs_uri, key)
+        return _summary(registry.read_record(spark, model_dir), version, model_dir, already_registered=True)
+    run_uri = _run_uri(spark, runs_uri, resume)
+    lake.write_text(spark, f"{run_uri}/{KEY}", key)
     spec = {
         "train_url": registry.petastorm_url(f"{tensors}/split=train"),
         "val_url": registry.petastorm_url(f"{tensors}/split=val"),
@@ -374,7 +406,8 @@ def run(spark: SparkSession, cfg: Config, dataset: str, tensors_version: int | N
         "best_epoch": best_epoch, "precision": chief["precision"],
         "selection": {"criterion": "exact validation ROC AUC, inference mode", "ema_decay": tcfg.ema_decay,
                       "weights": "moving average" if tcfg.ema_decay > 0 else "as trained"},
-        "num_proc": num_proc, "duration_s": round(seconds, 2), "resumed_from_epoch": chief["initial_epoch"],
+        "num_proc": num_proc, "training_key": key, "steps_per_epoch": spec["steps_per_epoch"],
+        "duration_s": round(seconds, 2), "resumed_from_epoch": chief["initial_epoch"],
         "images_per_sec": round(images_timed / max(sum(timed), 1e-9), 2),
         "fit_seconds": round(chief["seconds"], 2),
         "epoch_train_seconds": [round(x, 2) for x in chief["epoch_train_seconds"]],
@@ -396,15 +429,22 @@ def run(spark: SparkSession, cfg: Config, dataset: str, tensors_version: int | N
                                    "model.json": json.dumps(record, indent=2, sort_keys=True).encode()},
         {"tensorboard": f"{run_uri}/tensorboard"})
     lake.write_text(spark, f"{run_uri}/registered", model_dir)
-    return {"job": "train", "dataset": dataset, "model_version": version, "model_uri": model_dir,
-            "epochs_run": chief["epochs_run"], "best_epoch": best_epoch, "best_val_auc": best_auc,
-            "num_proc": num_proc,
+    _sweep_runs(spark, runs_uri, key)
+    return _summary(record, version, model_dir, already_registered=False)
+
+
+def _summary(record: dict[str, Any], version: int, model_dir: str, already_registered: bool) -> dict[str, Any]:
+    """The job's summary line, from the model's record (the same for a rerun that trains nothing)."""
+    return {"job": "train", "dataset": record["dataset"], "model_version": version, "model_uri": model_dir,
+            "already_registered": already_registered,
+            "epochs_run": record["epochs_run"], "best_epoch": record["best_epoch"],
+            "best_val_auc": record["best_val_auc"], "num_proc": record["num_proc"],
             "images_per_sec": record["images_per_sec"], "fit_seconds": record["fit_seconds"],
-            "epoch_train_seconds": record["epoch_train_seconds"], "tensors_version": tensors_version,
+            "epoch_train_seconds": record["epoch_train_seconds"], "tensors_version": record["tensors_version"],
             "ranks_identical": len(record["weights_digests"]) == 1,
-            "resumed_from_epoch": chief["initial_epoch"], "steps_per_epoch": spec["steps_per_epoch"],
+            "resumed_from_epoch": record["resumed_from_epoch"], "steps_per_epoch": record["steps_per_epoch"],
             "placement": record["placement"],
-            **({"profile": chief["profile"]} if "profile" in chief else {})}
+            **({"profile": record["profile"]} if "profile" in record else {})}
 
 
 def _calibrate(cfg: Config, model_file: bytes, val_url: str) -> tuple[bytes, dict[str, Any]]:
@@ -448,4 +488,30 @@ def _run_uri(spark: SparkSession, runs_uri: str, resume: bool) -> str:
         if not unfinished:
             raise ConfigError(f"--resume: no unfinished run under {runs_uri}")
         return f"{runs_uri}/{unfinished[-1]}"
-    return f"{runs_uri}/run-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    # the driver's pid and host, as in lake.scratch_name: a killed run's folder is known by them
+    return f"{runs_uri}/run-{time.strftime('%Y%m%dT%H%M%S')}-pid{os.getpid()}@{socket.gethostname()}"
+
+
+def _sweep_runs(spark: SparkSession, runs_uri: str, key: str) -> None:
+    """Delete the run folders of killed attempts at the model of ``key``, once it is registered.
+
+    Their checkpoints could only resume a model that now exists; a run still
+    going, or one of other settings (``--resume`` may want it), is kept.
+    """
+    for name in lake.list_dir(spark, runs_uri):
+        run_uri = f"{runs_uri}/{name}"
+        if (name.startswith("run-") and lake.owner_gone(name) and not lake.exists(spark, f"{run_uri}/registered")
+                and lake.exists(spark, f"{run_uri}/{KEY}") and lake.read_text(spark, f"{run_uri}/{KEY}") == key):
+            log.info("deleting %s, a killed attempt at a model now registered", run_uri)
+            lake.delete(spark, run_uri)
+
+
+def _local_scratch(rank: int) -> Path:
+    """A rank's local scratch folder; first deletes those of ranks on this host that were killed."""
+    tmp = Path(tempfile.gettempdir())
+    for old in tmp.glob(f"{lake.SCRATCH}train-*"):
+        if lake.owner_gone(old.name):
+            shutil.rmtree(old, ignore_errors=True)
+    scratch = tmp / lake.scratch_name(f"train-rank{rank}")
+    scratch.mkdir()
+    return scratch
