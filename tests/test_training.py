@@ -270,7 +270,8 @@ def test_train_killed_at_three_seeded_moments_then_rerun_registers_the_one_model
         return sorted(p.name for p in (root / "models" / "syn").iterdir() if not p.name.startswith("_"))
     assert versions(lake_dir) == versions(twin) == ["v1"], reached
     model_dir = lake_dir / "models" / "syn" / "v1"
-    mine, theirs = (json.loads((root / "models" / "syn" / "v1" / "model.json").read_text()) for root in (lake_dir, twin))
+    mine, theirs = (json.loads((root / "models" / "syn" / "v1" / "model.json").read_text())
+                    for root in (lake_dir, twin))
     for field in ("training_key", "tensors_version", "source_table_version", "hyperparameters", "num_proc",
                   "steps_per_epoch", "size", "normalisation", "modalities"):
         assert mine[field] == theirs[field], (field, reached)
