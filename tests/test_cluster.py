@@ -1,6 +1,6 @@
 """The whole pipeline on a real Spark standalone cluster with the lake on a real HDFS (slow).
 
-Starts scripts/hdfs.sh (MiniDFSCluster) and scripts/cluster.sh (master and 2
+Starts scripts/hdfs.sh (a NameNode and a DataNode) and scripts/cluster.sh (master and 2
 workers of 1 core), uploads a real data set with scripts/lake.sh, runs every
 job through scripts/submit.sh --env cluster, kills a worker while score runs,
 checks the tables through WebHDFS, Spark and the Thrift server (scripts/thrift.sh
@@ -60,7 +60,7 @@ def stack():
     if "cluster.sh" in started:
         assert not any(_listening(p) for p in (7077, 8080, 8081, 8082)), "cluster.sh stop left a process"
     if "hdfs.sh" in started:
-        assert not any(_listening(p) for p in (9000, 9870)), "hdfs.sh stop left a process"
+        assert not any(_listening(p) for p in (9000, 9870, 9864, 9866, 9867)), "hdfs.sh stop left a process"
 
 
 def _env() -> dict[str, str]:
@@ -147,11 +147,17 @@ def _score_killing_worker(lake: str, events_dir: Path, worker: int) -> dict:
     return last_json(output)
 
 
-def test_pipeline_on_cluster_with_lake_on_hdfs(stack, spark, tmp_path):
-    data = shared_dataset("isic_uda1")
+@pytest.fixture(scope="module")
+def isic_on_hdfs(stack) -> str:
+    """ISIC UDA-1 uploaded once to HDFS with scripts/lake.sh: the folder holding input/."""
     root = f"/it-{uuid.uuid4().hex[:8]}"
+    _script("lake.sh", "put", str(shared_dataset("isic_uda1")), f"{root}/input", timeout=600)
+    return root
+
+
+def test_pipeline_on_cluster_with_lake_on_hdfs(isic_on_hdfs, spark, tmp_path):
+    data, root = shared_dataset("isic_uda1"), isic_on_hdfs
     lake = f"{NAMENODE}{root}/lake"
-    _script("lake.sh", "put", str(data), f"{root}/input", timeout=600)
     listed = _script("lake.sh", "--json", "ls", f"{root}/input").stdout.splitlines()
     assert {json.loads(line)["path"] for line in listed} >= {f"{root}/input/labels.csv", f"{root}/input/images"}
 
@@ -240,3 +246,55 @@ def test_pipeline_on_cluster_with_lake_on_hdfs(stack, spark, tmp_path):
 def _client():
     from oncolake import config
     return lakectl.client(config.load("cluster"))
+
+
+def _ingest_losing_the_datanode(args: list[str], log: Path, after_s: float, down_s: float) -> tuple[int, str]:
+    """Run ingest; ``after_s`` after it starts reading, stop the DataNode for ``down_s``, then restart it."""
+    cmd = [str(SCRIPTS / "submit.sh"), "ingest", "--env", "cluster", *args]
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=_env())
+    stopped = False
+    try:
+        deadline = time.time() + 300
+        while proc.poll() is None and "ingest dataset=" not in log.read_text():
+            assert time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        time.sleep(after_s)
+        stopped = proc.poll() is None
+        if stopped:
+            _script("hdfs.sh", "stop-datanode")
+            time.sleep(down_s)
+    finally:
+        _script("hdfs.sh", "start-datanode")
+        try:
+            proc.wait(timeout=600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert stopped, "ingest ended before the DataNode was stopped:\n" + log.read_text()[-3000:]
+    return proc.returncode, log.read_text()
+
+
+@pytest.mark.faults
+def test_datanode_stopped_and_restarted_during_an_ingest_then_the_rerun_gives_the_exact_table(
+        isic_on_hdfs, spark, tmp_path):
+    data, root = shared_dataset("isic_uda1"), isic_on_hdfs
+    lake = f"{NAMENODE}{root}/lake-datanode-lost"
+    args = ["--lake", lake, "--dataset", "isic", "--input", f"{NAMENODE}{root}/input",
+            "--labels", f"{NAMENODE}{root}/input/labels.csv"]
+
+    code, output = _ingest_losing_the_datanode(args, tmp_path / "ingest.log", after_s=4.0, down_s=20.0)
+    if code != 0:  # a clear error as its last line, not a stack trace
+        last = output.strip().splitlines()[-1]
+        assert "ingest failed: " in last and "An error occurred while calling" not in last, output[-3000:]
+    rerun = _submit("ingest", *args)
+    assert rerun["quarantined"] == 0, (code, output[-3000:])
+
+    with (data / "labels.csv").open() as handle:
+        expected = {r["path"]: r["label"] for r in csv.DictReader(handle)}
+    bronze = spark.read.format("delta").load(f"{lake}/bronze/images")
+    rows = bronze.select("relative_path", "label", "image_id").collect()
+    assert len(rows) == len({r["image_id"] for r in rows}) == 555, (code, output[-3000:])
+    assert all(expected[r["relative_path"]] == r["label"] for r in rows)
+    quarantine = spark.read.format("delta").load(f"{lake}/bronze/quarantine")
+    assert quarantine.count() == 0, quarantine.select("path", "reason").collect()[:5]

@@ -215,6 +215,17 @@ def test_failures_exit_non_zero_with_one_clear_line(spark, lake, capsys, tmp_pat
     assert spark.getActiveSession() is not None  # a borrowed session is never stopped
 
 
+def test_an_error_from_the_jvm_is_told_by_its_java_exception_not_by_the_py4j_call(spark):
+    from py4j.protocol import Py4JJavaError
+
+    from oncolake import cli
+    with pytest.raises(Py4JJavaError) as raised:
+        spark.sparkContext._jvm.java.io.FileInputStream("/no/such/file")
+    assert str(raised.value).startswith("An error occurred while calling")
+    assert cli.first_line(raised.value) == "java.io.FileNotFoundException: /no/such/file (No such file or directory)"
+    assert cli.first_line(ValueError("one\ntwo")) == "one"
+
+
 def test_busi_file_names_with_spaces_and_parentheses(spark, lake, capsys, tmp_path):
     data = shared_dataset("busi")
     subset = tmp_path / "busi"

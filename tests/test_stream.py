@@ -18,7 +18,7 @@ import pytest
 from jobs import ingest as ingest_job
 from jobs import stream_ingest as stream_job
 from oncolake.stream import produce as produce_mod
-from tests.conftest import ROOT, last_json, shared_dataset
+from tests.conftest import ROOT, last_json, no_leftovers, shared_dataset
 from tests.test_imaging import encode, rgb_image
 
 PORT = 19092  # not the default: a developer's broker on 9092 is left alone
@@ -223,7 +223,10 @@ def test_bad_records_are_quarantined_and_the_good_ones_around_them_land(spark, b
 
 
 @pytest.mark.realdata
-def test_a_stream_killed_part_way_and_restarted_lands_every_image_exactly_once(spark, broker, tmp_path, capsys):
+def test_a_stream_killed_at_three_seeded_moments_and_restarted_lands_every_image_exactly_once(
+        spark, broker, tmp_path, capsys):
+    from deltalake import DeltaTable as RustDeltaTable
+
     data = shared_dataset("ham10000")
     lake, topic = str(tmp_path / "lake"), "ham"
     subset = tmp_path / "ham"
@@ -242,38 +245,44 @@ def test_a_stream_killed_part_way_and_restarted_lands_every_image_exactly_once(s
     sent = produce(capsys, lake, topic, "ham10000", subset, subset / "labels.csv")
     assert sent["acknowledged"] == 400
 
+    # batches of 40: each killed run lands its first batch and maybe a few more; the rerun has some left
     args = [str(ROOT / "scripts" / "submit.sh"), "stream_ingest", *sets(lake, "--topic", topic,
-            "--dataset", "ham10000", "--available-now", "--set", "stream.max_offsets_per_trigger=100")]
+            "--dataset", "ham10000", "--available-now", "--set", "stream.max_offsets_per_trigger=40")]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYSPARK", "SPARK_"))}
-    job = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                           start_new_session=True)
-    seen, deadline = [], time.monotonic() + 600
-    try:
-        for line in job.stdout:
-            if line.startswith('{"stream_ingest_batch"'):
-                seen.append(json.loads(line)["stream_ingest_batch"])
-                if len(seen) == 2:
+    bronze_dir = tmp_path / "lake" / "bronze" / "images"
+    rng, counts = random.Random(7), []
+    for kill in range(3):
+        # killed a seeded moment after its first batch, somewhere inside the next one(s)
+        job = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                               start_new_session=True)
+        seen, deadline = [], time.monotonic() + 600
+        try:
+            for line in job.stdout:
+                if line.startswith('{"stream_ingest_batch"'):
+                    seen.append(json.loads(line)["stream_ingest_batch"])
                     break
-            assert time.monotonic() < deadline, "the stream made no progress"
-        time.sleep(random.Random(7).uniform(0.5, 4.0))  # somewhere inside the third batch
-    finally:
-        os.killpg(job.pid, signal.SIGKILL)
-        job.wait()
-    assert len(seen) == 2, "the job ended before it could be killed"
-    bronze = spark.read.format("delta").load(str(tmp_path / "lake" / "bronze" / "images"))
-    before = bronze.count()
-    assert sum(b["ingested"] for b in seen) <= before < len(distinct)
+                assert time.monotonic() < deadline, "the stream made no progress"
+            time.sleep(rng.uniform(0.2, 2.5))
+        finally:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+        assert seen, f"run {kill + 1} ended before it landed a batch"
+        counts.append(spark.read.format("delta").load(str(bronze_dir)).count())
+    assert counts == sorted(set(counts)) and counts[-1] < len(distinct), counts
 
+    rerun_started = time.time()
     result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = last_json(result.stdout)
     table = spark.read.format("delta").load(summary["table"])
     ids = [r.image_id for r in table.select("image_id").collect()]
-    assert len(ids) == len(set(ids)) == len(distinct) and set(ids) == distinct
-    assert summary["ingested"] == len(distinct) - before
+    assert len(ids) == len(set(ids)) == len(distinct) and set(ids) == distinct, counts
+    assert summary["ingested"] == len(distinct) - counts[-1]
     labels = {row["path"]: row["label"] for row in rows}
     assert all(r.label == labels[r.relative_path] for r in table.select("relative_path", "label").collect())
     assert spark.read.format("delta").load(summary["quarantine_table"]).count() == 0
+    assert RustDeltaTable(str(bronze_dir)).to_pyarrow_table().num_rows == len(distinct)
+    assert no_leftovers(tmp_path / "lake", rerun_started) == [], counts
 
 
 def test_without_a_reachable_broker_both_sides_fail_fast_with_one_line(spark, tmp_path, capsys):

@@ -51,13 +51,16 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def setup_logging() -> None:
-    """Library logs to stderr; stdout is kept for the summary line."""
+    """Library logs to stderr; stdout is kept for the summary line.
+
+    ``ONCOLAKE_LOG_LEVEL=DEBUG`` adds, among others, a failed job's whole trace.
+    """
     root = logging.getLogger("oncolake")
     if not root.handlers:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
-        root.setLevel(logging.INFO)
+        root.setLevel(os.environ.get("ONCOLAKE_LOG_LEVEL", "INFO").upper())
         root.propagate = False
 
 
@@ -68,6 +71,8 @@ def emit(summary: dict[str, Any]) -> None:
 
 
 _NO_SPACE = "No space left on device"
+#: What the HDFS client says when no live DataNode has (or will take) a block.
+_HDFS_LOST = ("BlockMissingException", "could only be written to 0 of the")
 
 
 def fail(job: str, err: BaseException) -> int:
@@ -80,9 +85,20 @@ def fail(job: str, err: BaseException) -> int:
         log.error("%s failed: no space left on device: a file system it writes to (the lake, or spark.local.dir) "
                   "is full; the step that failed committed nothing", job)
         return 1
-    first = (str(err).strip().splitlines() or [""])[0][:300]
-    log.error("%s failed: %s: %s", job, type(err).__name__, first)
+    if any(sign in str(err) for sign in _HDFS_LOST):
+        log.error("%s failed: HDFS could not read or write a block (no live DataNode holds or takes it): bring "
+                  "the DataNodes back and run the job again (a rerun finishes what this one left)", job)
+        return 1
+    log.error("%s failed: %s: %s", job, type(err).__name__, first_line(err))
     return 1
+
+
+def first_line(err: BaseException) -> str:
+    """The line of ``err`` that says what went wrong: for an error from the JVM (py4j: "An error
+    occurred while calling o687.execute." then ": the Java exception"), the Java exception's."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    java = [line[1:].strip() for line in lines[1:2] if line.startswith(":")]
+    return ((java or lines) or [""])[0][:300]
 
 
 def run_job(job: str, args: argparse.Namespace, work: Callable[[Any, config.Config], dict[str, Any]]) -> int:

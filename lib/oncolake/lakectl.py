@@ -109,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("-R", dest="recursive", action="store_true")
     cmd.add_argument("path")
     cmd = sub.add_parser("put")
+    cmd.add_argument("--threads", type=int, default=8, help="files uploaded at once (each is two HTTP requests)")
     cmd.add_argument("local")
     cmd.add_argument("path")
     cmd = sub.add_parser("get")
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "put":
             if not os.path.exists(args.local):
                 raise InputError(f"{args.local} does not exist")
-            target = hdfs_client.upload(hdfs_path(args.path), args.local, n_threads=2)
+            target = hdfs_client.upload(hdfs_path(args.path), args.local, n_threads=args.threads)
             rows = [{"uploaded": args.local, "to": target}]
         else:
             target = hdfs_client.download(hdfs_path(args.path), args.local, n_threads=2)
