@@ -43,6 +43,17 @@ halt() {  # pidfile: TERM, then KILL after 30 s
   rm -f "$1"
 }
 
+await() {  # await WHAT PIDFILE LOG CHECK...: until CHECK succeeds; fails if WHAT's process ends, or after 120 s
+  local what="$1" pidfile="$2" logfile="$3"; shift 3
+  for _ in $(seq 1 120); do
+    "$@" && return 0
+    running "$pidfile" || { echo "hdfs.sh: the $what failed to start; see $logfile" >&2; tail -5 "$logfile" >&2; exit 1; }
+    sleep 1
+  done
+  echo "hdfs.sh: the $what was not up after 120 s; see $logfile" >&2
+  exit 1
+}
+
 start_datanode() {
   if running "$dn_pid"; then echo "hdfs.sh: DataNode already running (pid $(cat "$dn_pid"))"; return 0; fi
   running "$nn_pid" || { echo "hdfs.sh: the NameNode is not running: scripts/hdfs.sh start" >&2; exit 1; }
@@ -53,14 +64,8 @@ start_datanode() {
     -D dfs.datanode.http.address=127.0.0.1:9864 -D dfs.datanode.ipc.address=127.0.0.1:9867 \
     -D dfs.permissions.enabled=false >> "$state/datanode.log" 2>&1 &
   echo $! > "$dn_pid"
-  for _ in $(seq 1 120); do
-    if registered; then echo "hdfs.sh: DataNode up, pid $(cat "$dn_pid")"; return 0; fi
-    running "$dn_pid" || { echo "hdfs.sh: the DataNode failed to start; see $state/datanode.log" >&2
-                           tail -5 "$state/datanode.log" >&2; exit 1; }
-    sleep 1
-  done
-  echo "hdfs.sh: the DataNode did not register after 120 s; see $state/datanode.log" >&2
-  exit 1
+  await DataNode "$dn_pid" "$state/datanode.log" registered
+  echo "hdfs.sh: DataNode up, pid $(cat "$dn_pid")"
 }
 
 case "${1:-}" in
@@ -75,18 +80,9 @@ case "${1:-}" in
     nohup java -Xmx768m "${opens[@]}" -Dhadoop.log.dir="$state" -cp "$cp" \
       org.apache.hadoop.hdfs.server.namenode.NameNode "${namenode[@]}" > "$state/namenode.log" 2>&1 &
     echo $! > "$nn_pid"
-    for _ in $(seq 1 120); do
-      if curl -sf "http://127.0.0.1:9870/webhdfs/v1/?op=GETFILESTATUS" >/dev/null; then
-        start_datanode
-        echo "hdfs.sh: up at hdfs://127.0.0.1:9000 (WebHDFS http://127.0.0.1:9870), NameNode pid $(cat "$nn_pid")"
-        exit 0
-      fi
-      running "$nn_pid" || { echo "hdfs.sh: the NameNode failed to start; see $state/namenode.log" >&2
-                             tail -5 "$state/namenode.log" >&2; exit 1; }
-      sleep 1
-    done
-    echo "hdfs.sh: not up after 120 s; see $state/namenode.log" >&2
-    exit 1
+    await NameNode "$nn_pid" "$state/namenode.log" curl -sf -o /dev/null "http://127.0.0.1:9870/webhdfs/v1/?op=GETFILESTATUS"
+    start_datanode
+    echo "hdfs.sh: up at hdfs://127.0.0.1:9000 (WebHDFS http://127.0.0.1:9870), NameNode pid $(cat "$nn_pid")"
     ;;
   stop)
     halt "$dn_pid"

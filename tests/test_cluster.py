@@ -177,6 +177,12 @@ def test_pipeline_on_cluster_with_lake_on_hdfs(isic_on_hdfs, spark, tmp_path):
     # the two ranks ran in executors of different workers (each works in var/cluster/workN)
     workers = {p.split("/var/cluster/")[1].split("/")[0] for p in train["placement"].values()}
     assert workers == {"work1", "work2"}, train["placement"]
+    # MLflow's file store cannot live on HDFS: the run is tracked on the driver's disk (mlflow.local_store)
+    with _client().read(f"{root}/lake/models/isic/v1/model.json") as reader:
+        run_id = json.load(reader)["mlflow_run_id"]
+    tracked = list((ROOT / "var" / "mlruns").glob(f"*/{run_id}/metrics/best_val_auc"))
+    assert run_id and len(tracked) == 1, run_id
+    assert float(tracked[0].read_text().split()[1]) == pytest.approx(train["best_val_auc"])
 
     evaluate = _submit("evaluate", "--lake", lake, "--dataset", "isic")
     assert evaluate["report"] == f"{lake}/models/isic/v1/report.html" and 0 <= evaluate["auc"] <= 1

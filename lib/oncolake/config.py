@@ -184,6 +184,7 @@ class ServeConfig:
 class MlflowConfig:
     tracking_uri: str = ""
     experiment: str = "oncolake"
+    local_store: str = "var/mlruns"
 
 
 @dataclasses.dataclass(frozen=True)

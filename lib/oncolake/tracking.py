@@ -1,4 +1,5 @@
-"""MLflow tracking: a file store inside the lake by default, a server if configured."""
+"""MLflow tracking: a file store inside a local lake, on the driver's disk for a lake on HDFS, or a
+server if configured."""
 from __future__ import annotations
 
 import logging
@@ -12,11 +13,14 @@ log = logging.getLogger(__name__)
 
 
 def tracking_uri(cfg: Config, lake_uri: str) -> str | None:
-    """The configured tracking URI, else ``LAKE/mlruns`` for a local lake, else None."""
+    """The configured tracking URI, else ``LAKE/mlruns`` for a local lake, else a file store at
+    ``mlflow.local_store`` on this machine (MLflow's file store cannot live on HDFS), else None."""
     if cfg.mlflow.tracking_uri:
         return cfg.mlflow.tracking_uri
     if lake_uri.startswith("file:"):
         return "file://" + "/" + lake_uri[len("file:"):].lstrip("/") + "/mlruns"
+    if cfg.mlflow.local_store:
+        return Path(cfg.mlflow.local_store).resolve().as_uri()
     return None
 
 
@@ -28,6 +32,8 @@ def log_run(cfg: Config, lake_uri: str, name: str, params: Mapping[str, Any], me
     if uri is None:
         log.warning("no MLflow tracking URI for a lake at %s: set mlflow.tracking_uri", lake_uri)
         return None
+    if not lake_uri.startswith("file:") and not cfg.mlflow.tracking_uri:
+        log.info("MLflow: the lake is not on a local file system; tracking run %s at %s", name, uri)
     import mlflow
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(cfg.mlflow.experiment)
