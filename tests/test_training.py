@@ -135,6 +135,23 @@ def submit(*args):
     return last_json(result.stdout)
 
 
+def test_the_training_key_names_what_a_model_is_trained_from_and_not_how_fast():
+    import dataclasses
+    manifest = {"size": 16, "source_table_version": 3, "created_at": "2026-12-01T00:00:00Z",
+                "source_table": "file:/a/lake/bronze/images"}
+    tcfg = config.TrainConfig()
+    key = training.training_key("syn", 1, manifest, tcfg, 2)
+    # when and where the tensors were built, and the speed-only settings, do not change it
+    moved = {**manifest, "created_at": "2026-12-02T00:00:00Z", "source_table": "hdfs://nn/b/bronze/images"}
+    assert training.training_key("syn", 1, moved, dataclasses.replace(tcfg, cache_mb=0, profile_steps=10), 2) == key
+    # what the model learns from, and how, does
+    others = [("syn", 2, manifest, tcfg, 2), ("syn", 1, {**manifest, "source_table_version": 4}, tcfg, 2),
+              ("syn", 1, manifest, dataclasses.replace(tcfg, seed=7), 2),
+              ("syn", 1, manifest, dataclasses.replace(tcfg, epochs=3), 2), ("syn", 1, manifest, tcfg, 1),
+              ("other", 1, manifest, tcfg, 2)]
+    assert len({training.training_key(*args) for args in others} | {key}) == len(others) + 1
+
+
 @pytest.mark.slow
 def test_horovod_two_ranks_train_one_epoch_with_identical_weights(spark, tmp_path, capsys):
     import tensorflow as tf
