@@ -60,7 +60,8 @@ def setup_logging() -> None:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
-        root.setLevel(os.environ.get("ONCOLAKE_LOG_LEVEL", "INFO").upper())
+        level = os.environ.get("ONCOLAKE_LOG_LEVEL", "INFO").upper()
+        root.setLevel(level if level in logging.getLevelNamesMapping() else logging.INFO)
         root.propagate = False
 
 

@@ -227,7 +227,12 @@ def scratch_name(what: str) -> str:
     the same host can tell a killed run's leftovers (process gone) from a run
     still going (:func:`sweep_scratch`).
     """
-    return f"{SCRATCH}{what}-{uuid.uuid4().hex[:8]}-pid{os.getpid()}@{socket.gethostname()}"
+    return f"{SCRATCH}{what}-{uuid.uuid4().hex[:8]}-{owner_tag()}"
+
+
+def owner_tag() -> str:
+    """``pidPID@HOST`` of this process: ends a name that :func:`owner_gone` can judge."""
+    return f"pid{os.getpid()}@{socket.gethostname()}"
 
 
 def owner_gone(name: str) -> bool:

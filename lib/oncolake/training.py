@@ -488,8 +488,8 @@ def _run_uri(spark: SparkSession, runs_uri: str, resume: bool) -> str:
         if not unfinished:
             raise ConfigError(f"--resume: no unfinished run under {runs_uri}")
         return f"{runs_uri}/{unfinished[-1]}"
-    # the driver's pid and host, as in lake.scratch_name: a killed run's folder is known by them
-    return f"{runs_uri}/run-{time.strftime('%Y%m%dT%H%M%S')}-pid{os.getpid()}@{socket.gethostname()}"
+    # the driver's pid and host: a killed run's folder is known by them (lake.owner_gone)
+    return f"{runs_uri}/run-{time.strftime('%Y%m%dT%H%M%S')}-{lake.owner_tag()}"
 
 
 def _sweep_runs(spark: SparkSession, runs_uri: str, key: str) -> None:
