@@ -425,18 +425,20 @@ def test_two_ingests_and_two_scorings_at_once_commit_every_row_exactly_once(spar
     assert sum(s["scored"] for _, s, _ in scorings) == 70
 
 
-def _night_tables(spark, lake_uri: str) -> dict[str, list]:
+def _night_tables(spark, lake_uri: str, tables=("bronze", "quarantine", "predictions")) -> dict[str, list]:
     """What a night leaves in the lake, without its timestamps."""
     def load(table):
         return spark.read.format("delta").load(f"{lake_uri}/{table}").filter(F.col("dataset") == "syn").collect()
-    return {
-        "bronze": sorted((r.image_id, r.relative_path, r.label, str(r.ingest_date)) for r in load("bronze/images")),
-        "quarantine": sorted((r.relative_path, r.reason) for r in load("bronze/quarantine")),
-        "predictions": sorted((r.image_id, r.model_version, str(r.ingest_date), r.predicted_label, r.error,
-                               None if r.probability is None else round(r.probability, 6),
-                               None if r.brightness is None else round(r.brightness, 6))
-                              for r in load("gold/predictions")),
+    rows = {
+        "bronze": lambda: sorted((r.image_id, r.relative_path, r.label, str(r.ingest_date))
+                                 for r in load("bronze/images")),
+        "quarantine": lambda: sorted((r.relative_path, r.reason) for r in load("bronze/quarantine")),
+        "predictions": lambda: sorted((r.image_id, r.model_version, str(r.ingest_date), r.predicted_label, r.error,
+                                       None if r.probability is None else round(r.probability, 6),
+                                       None if r.brightness is None else round(r.brightness, 6))
+                                      for r in load("gold/predictions")),
     }
+    return {table: rows[table]() for table in tables}
 
 
 @pytest.mark.slow
@@ -491,6 +493,49 @@ def test_a_night_killed_at_three_seeded_moments_then_rerun_ends_as_one_uninterru
     # no temporary folder left behind; the last run left no partial file of its own
     assert no_leftovers(tmp_path / "lake", rerun_started) == []
     assert (tmp_path / "lake" / "reports" / "nightly.html").read_text().rstrip().endswith("</html>")
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_ingest_then_score_each_killed_at_three_seeded_moments_then_rerun_leave_what_uninterrupted_runs_do(
+        spark, tmp_path, scored_lake):
+    from deltalake import DeltaTable as RustDeltaTable
+
+    lake_dir, lake_uri, _ = scored_lake
+    twin = tmp_path / "twin" / "lake"
+    shutil.copytree(lake_dir, twin)
+    incoming = synthetic.write_dataset(tmp_path / "incoming", groups=20, per_group=2, seed=43, start=500,
+                                       malignant_every=3)
+    (incoming / "cut.png").write_bytes((incoming / "p500_0.png").read_bytes()[:200])
+    (incoming / "notes.png").write_text("not an image\n")
+
+    def same(tables: tuple[str, ...], reached) -> dict:
+        want = _night_tables(spark, lake.qualify(spark, str(twin)), tables)
+        got = _night_tables(spark, lake_uri, tables)
+        for table in tables:
+            assert got[table] == want[table], (table, reached)
+        return got
+
+    ingest = ["--lake", lake_dir, "--dataset", "syn", "--input", str(incoming), "--labels",
+              str(incoming / "labels.csv"), "--ingest-date", "2026-05-07"]
+    reached, rerun_started, summary = killed_three_times_then_rerun(
+        "ingest", ingest, ["--lake", str(twin), *ingest[2:]], 20)
+    got = same(("bronze", "quarantine"), reached)
+    assert len(got["bronze"]) == len({r[0] for r in got["bronze"]}) == 40 + 40, reached
+    assert sorted(p for p, _ in got["quarantine"]) == ["cut.png", "notes.png"]
+    assert summary["ingested"] <= 40  # the rerun counts only the rows it committed itself
+    ingest_leftovers = no_leftovers(tmp_path / "lake", rerun_started)
+
+    score = ["--lake", lake_dir, "--dataset", "syn"]
+    reached, rerun_started, summary = killed_three_times_then_rerun(
+        "score", score, ["--lake", str(twin), *score[2:]], 21)
+    got = same(("predictions",), reached)
+    assert len(got["predictions"]) == len({r[:3] for r in got["predictions"]}) == 80, reached
+    for table in ("bronze/images", "bronze/quarantine", "gold/predictions"):
+        path = tmp_path / "lake" / table
+        assert RustDeltaTable(str(path)).to_pyarrow_table().num_rows == spark.read.format("delta").load(
+            str(path)).count(), table
+    assert ingest_leftovers == [] and no_leftovers(tmp_path / "lake", rerun_started) == [], reached
 
 
 def _tensor_state(spark, lake_uri: str) -> dict:

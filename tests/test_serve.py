@@ -179,6 +179,55 @@ def test_export_is_incremental_idempotent_and_survives_a_kill(spark, capsys, ser
     assert code != 0 and "must not carry a password" in err and "hunter2" not in err
 
 
+def _partitions(postgres) -> tuple[dict, dict, int]:
+    """The partitions export recorded, the prediction rows per partition, and the rows left in its stage."""
+    with connect(postgres) as conn:
+        recorded = {(r[0], str(r[1])): r[2] for r in conn.execute(
+            "SELECT model_version, ingest_date, row_count FROM oncolake.export_partitions WHERE dataset = 'syn'")}
+        present = {(r[0], str(r[1])): r[2] for r in conn.execute(
+            "SELECT model_version, ingest_date, count(*) FROM oncolake.predictions WHERE dataset = 'syn' "
+            "GROUP BY 1, 2")}
+        staged = conn.execute("SELECT count(*) FROM oncolake.export_stage").fetchone()[0]
+    return recorded, present, staged
+
+
+def _clear_export(postgres) -> None:
+    from oncolake import export
+    with connect(postgres) as conn:
+        export.ensure_schema(conn)  # when this test runs alone, before any export made the tables
+        conn.execute("DELETE FROM oncolake.predictions WHERE dataset = 'syn'")
+        conn.execute("DELETE FROM oncolake.export_partitions WHERE dataset = 'syn'")
+
+
+@pytest.mark.faults
+def test_export_killed_at_three_seeded_moments_then_rerun_leaves_the_table_one_export_does(served_lake, postgres):
+    from tests.conftest import last_step, seeded_moments, submit_killed
+    args = ["export", "--lake", served_lake["dir"], "--dataset", "syn", "--to", postgres["url"],
+            "--set", f"serve.database_passfile={postgres['passfile']}"]
+    # Moments are drawn from the export's writing (from its "exporting ..." line on): before it, it
+    # only reads the lake.
+    marker = "oncolake.export: exporting "
+    _clear_export(postgres)
+    _, work = submit_killed(args, None, marker)  # uninterrupted: the table to match, how long it writes
+    want = _table(postgres)
+    assert len(want) == 40 and _partitions(postgres)[:2] == ({(1, "2026-06-01"): 20, (1, "2026-06-02"): 20},) * 2
+
+    _clear_export(postgres)
+    reached = []
+    for moment in seeded_moments(work, 19):
+        reached.append((round(moment, 1), last_step(submit_killed(args, moment, marker)[0])))
+        # whatever a kill interrupted, each partition is in the table whole or not at all
+        recorded, present, _ = _partitions(postgres)
+        assert present == recorded, reached
+    before = _partitions(postgres)[0]
+    lines, _ = submit_killed(args, None)
+    summary = last_json("".join(lines))
+
+    assert _table(postgres) == want, f"killed at {reached} of {work:.0f} s"
+    assert _partitions(postgres) == ({(1, "2026-06-01"): 20, (1, "2026-06-02"): 20},) * 2 + (0,), reached
+    assert summary["partitions_exported"] == 2 - len(before), reached  # only what the kills left undone
+
+
 # --- Thrift JDBC server ---------------------------------------------------------------------------
 
 

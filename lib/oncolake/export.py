@@ -117,15 +117,16 @@ def run(spark: SparkSession, cfg: Config, dataset: str, to: str | None = None) -
             todo = sorted(k for k, n in counts.items() if recorded.get(k) != n)
             summary = {"job": "export", "dataset": dataset, "database": db.url, "table": "oncolake.predictions",
                        "partitions": len(counts), "partitions_exported": 0, "exported": 0, "rows_read": 0}
+            with conn.transaction():  # also what a killed export staged after its last commit
+                conn.execute("TRUNCATE oncolake.export_stage")
             if not todo:
                 return _finish(summary, start)
             log.info("exporting %d of %d partitions of %s to %s", len(todo), len(counts), dataset, db.url)
             rows = _rows(spark, predictions, bronze_uri, dataset, todo)
-            with conn.transaction():
-                conn.execute("TRUNCATE oncolake.export_stage")
             rows.write.jdbc(db.jdbc_url, "oncolake.export_stage", mode="append",
                             properties={**db.jdbc_properties(), "batchsize": "5000",
                                         "stringtype": "unspecified", "reWriteBatchedInserts": "true"})
+            log.info("staged %s's rows in oncolake.export_stage", dataset)
             for version, date in todo:
                 params = {"dataset": dataset, "version": version, "date": date,
                           "rows": counts[(version, date)], "lake": lake_uri}
