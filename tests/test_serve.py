@@ -165,12 +165,17 @@ def test_export_is_incremental_idempotent_and_survives_a_kill(spark, capsys, ser
         assert str(row[6]) == str(want["ingest_date"])[:10] and row[7] == want["relative_path"]
         assert row[8] == want["label"]
 
-    # a rerun writes nothing
+    # a rerun writes nothing, and empties the stage a killed export left rows in
+    with connect(postgres) as conn:
+        conn.execute("INSERT INTO oncolake.export_stage (dataset, image_id, model_version) "
+                     "SELECT dataset, image_id, model_version FROM oncolake.predictions LIMIT 3")
     code = export_job.main(["--lake", served_lake["dir"], "--dataset", "syn", "--to", postgres["url"],
                             "--set", f"serve.database_passfile={postgres['passfile']}"])
     again = last_json(capsys.readouterr().out)
     assert code == 0 and (again["partitions_exported"], again["exported"]) == (0, 0)
     assert _table(postgres) == rows
+    with connect(postgres) as conn:
+        assert conn.execute("SELECT count(*) FROM oncolake.export_stage").fetchone()[0] == 0
 
     # a URL with a password in it is refused before anything runs
     code = export_job.main(["--lake", served_lake["dir"], "--dataset", "syn",
