@@ -9,7 +9,9 @@
 # 2. Creates .venv in the clone from those wheels only (no network) and
 #    leaves oncolake itself out: jobs get it as the --py-files zip.
 # 3. Resolves the JVM jars of conf/jvm.txt once from Maven Central into the
-#    cache and links them at .cache/jars (ignored) for Spark and HDFS.
+#    cache and links them at .cache/jars (ignored) for Spark and HDFS, and
+#    compiles oncolake's own JVM classes (lib/jvm: the Delta log store that
+#    makes concurrent commits to a local lake safe) into .cache/oncolake-jvm.
 # A second run with nothing changed does nothing and takes seconds.
 set -euo pipefail
 
@@ -121,6 +123,24 @@ if [ ! -f "$jars/.complete" ]; then
 fi
 mkdir -p .cache
 ln -sfn "$jars" .cache/jars
+
+# --- 3b. oncolake's JVM classes -----------------------------------------------
+# Small (one class, seconds to build), so built in the clone, again whenever
+# its source or the jars it compiles against change.
+jvm_src_key="$( (cd lib/jvm && find . -name '*.java' | sort | xargs cat; echo "$jvm_key") | sha256sum | cut -c1-16)"
+built=".cache/oncolake-jvm"
+if [ ! -f "$built/.complete-$jvm_src_key" ]; then
+  step="compile lib/jvm (javac)"
+  log "compiling lib/jvm into $built"
+  rm -rf "$built" && mkdir -p "$built/classes"
+  pyspark_jars="$(.venv/bin/python -c 'import os, pyspark; print(os.path.dirname(pyspark.__file__))')/jars"
+  javac -nowarn --release 11 -d "$built/classes" \
+      -cp "$(ls "$jars"/spark/delta-storage-*.jar "$pyspark_jars"/hadoop-client-api-*.jar | tr '\n' ':')" \
+      $(find lib/jvm -name '*.java' | sort)
+  jar cf "$built/oncolake-jvm.jar" -C "$built/classes" .
+  rm -rf "$built/classes"
+  touch "$built/.complete-$jvm_src_key"
+fi
 
 # --- 4. system packages -------------------------------------------------------
 # PostgreSQL's server (scripts/postgres.sh) from the OS packages; with

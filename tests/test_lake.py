@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fcntl
 import logging
 import os
 import threading
@@ -23,6 +24,48 @@ def _warnings_of_lake():
         yield seen
     finally:
         logger.removeHandler(handler)
+
+
+def test_a_commit_to_a_local_table_waits_for_the_lock_another_process_holds_then_lands_after_its_commit(
+        spark, tmp_path):
+    """Two processes committing one local table cannot both write version N (LockingLocalLogStore).
+
+    This process stands in for another job: it takes the table's commit lock (the same OS record
+    lock the JVM's store takes), lets Spark's append reach its commit, and commits version 1 itself
+    through delta-rs while Spark waits. Without the lock Spark's append would land as version 1
+    inside the wait; with it, Spark finds version 1 taken when the lock is freed and commits as 2.
+    """
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    folder = tmp_path / "t"
+    uri = lake.qualify(spark, str(folder))
+    spark.range(3).write.format("delta").save(uri)  # version 0: ids 0-2
+    log_dir = folder / "_delta_log"
+    appended: list[BaseException | None] = []
+
+    def append() -> None:
+        try:
+            spark.range(10, 12).write.format("delta").mode("append").save(uri)
+            appended.append(None)
+        except BaseException as err:  # noqa: BLE001 - reported by the assertion below
+            appended.append(err)
+
+    with open(log_dir / "_oncolake_commit.lock", "a") as held:
+        fcntl.lockf(held, fcntl.LOCK_EX)
+        worker = threading.Thread(target=append, daemon=True)
+        worker.start()
+        worker.join(8.0)  # its files are written in a second or two; then it waits at the commit
+        waited = worker.is_alive()
+        committed_meanwhile = (log_dir / f"{1:020d}.json").exists()
+        write_deltalake(str(folder), pa.table({"id": pa.array([100, 101, 102, 103], pa.int64())}), mode="append")
+        fcntl.lockf(held, fcntl.LOCK_UN)
+    worker.join(120.0)
+    assert waited and not committed_meanwhile, "Spark committed while another process held the table's lock"
+    assert appended == [None]
+    assert sorted(p.name for p in log_dir.glob("*.json")) == [f"{v:020d}.json" for v in range(3)]
+    ids = sorted(r.id for r in spark.read.format("delta").load(uri).collect())
+    assert ids == [0, 1, 2, 10, 11, 100, 101, 102, 103]  # delta-rs's commit kept, Spark's on top of it
 
 
 def test_a_table_whose_creation_was_killed_before_its_first_commit_is_created_again(spark, tmp_path):

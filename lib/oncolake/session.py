@@ -17,7 +17,12 @@ log = logging.getLogger(__name__)
 DELTA_CONF = {
     "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
     "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
+    # Commits to a lake on local disk take a lock file, so two jobs writing one table at
+    # once cannot both write version N (lib/jvm/io/oncolake/delta/LockingLocalLogStore.java).
+    "spark.delta.logStore.file.impl": "io.oncolake.delta.LockingLocalLogStore",
 }
+#: oncolake's own JVM classes, compiled by scripts/setup.sh from lib/jvm.
+OWN_JAR = Path(__file__).resolve().parents[2] / ".cache" / "oncolake-jvm" / "oncolake-jvm.jar"
 _owned: set[int] = set()
 
 
@@ -27,9 +32,15 @@ def jar_dir(group: str = "spark") -> Path:
 
 
 def jars(group: str = "spark") -> list[str]:
-    """The resolved jar files of ``group``, sorted; empty if set-up has not run."""
+    """The resolved jar files of ``group``, sorted; empty if set-up has not run.
+
+    The ``spark`` group also holds oncolake's own jar (:data:`OWN_JAR`): the
+    Delta conf names its log store, so a session without it could not commit.
+    """
     folder = jar_dir(group)
-    return sorted(str(p) for p in folder.glob("*.jar")) if folder.is_dir() else []
+    if not folder.is_dir() or (group == "spark" and not OWN_JAR.is_file()):
+        return []
+    return sorted(str(p) for p in folder.glob("*.jar")) + ([str(OWN_JAR)] if group == "spark" else [])
 
 
 def build(app: str, cfg: Config) -> SparkSession:
