@@ -86,3 +86,73 @@ def test_weight_average_is_the_debiased_moving_average_of_every_step():
     for got, want, last in zip(model.get_weights(), expected, seen[-1]):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
         assert not np.allclose(got, last)  # the average, not the last step's weights
+
+
+def _batch_norm_statistics(model, images):
+    """Each BatchNormalization layer's input mean and variance on ``images``, through Keras' own predict."""
+    import tensorflow as tf
+    stats = []
+    for layer in model.layers:
+        if isinstance(layer, tf.keras.layers.BatchNormalization):
+            x = tf.keras.Model(model.inputs, layer.input).predict(images, verbose=0).astype(np.float64)
+            stats.append((x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))))
+    return stats
+
+
+def _small_cnn(precision):
+    import tensorflow as tf
+    from oncolake.config import TrainConfig
+    tf.keras.utils.set_random_seed(3)
+    tcfg = TrainConfig(filters=(4, 8), dense_units=8, precision=precision)
+    model = training.build_model(16, [120.0] * 3, [60.0] * 3, tcfg)
+    model.compile(optimizer=tf.keras.optimizers.Adam(0.01), loss="binary_crossentropy")
+    return model
+
+
+@pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16"])
+def test_batch_norm_statistics_are_recomputed_on_the_inputs_they_normalise(precision):
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 2, 96)
+    images = (rng.integers(0, 150, (96, 16, 16, 3)) + 100 * labels[:, None, None, None]).astype(np.uint8)
+    model = _small_cnn(precision)
+    model.fit(images, labels, batch_size=16, epochs=2, verbose=0)
+    before = [(l.moving_mean.numpy(), l.moving_variance.numpy()) for l in model.layers
+              if l.__class__.__name__ == "BatchNormalization"]
+    assert selection.recalibrate_batch_norm(model, images, batch_size=40) == len(before) == 4
+    after = [(l.moving_mean.numpy(), l.moving_variance.numpy()) for l in model.layers
+             if l.__class__.__name__ == "BatchNormalization"]
+    tolerance = 1e-4 if precision == "float32" else 2e-2  # bfloat16 activations: 8 bits of mantissa
+    for (mean, var), (got_mean, got_var), (old_mean, old_var) in zip(_batch_norm_statistics(model, images),
+                                                                     after, before):
+        np.testing.assert_allclose(got_mean, mean, rtol=tolerance, atol=tolerance * np.sqrt(var).max())
+        np.testing.assert_allclose(got_var, var, rtol=tolerance * 5, atol=1e-6)
+        # two epochs of momentum 0.99 leave Keras' moving averages far from the real statistics
+        assert np.abs(old_var - var).max() > 0.1 * var.max()
+
+
+def test_the_selected_weights_carry_the_statistics_of_their_own_activations():
+    train_x, train_y = _data(96, 5)
+    val_x, val_y = _data(48, 6)
+    images = np.repeat(np.repeat(train_x, 3, axis=1), 3, axis=2)[:, :16, :16]
+    val = np.repeat(np.repeat(val_x, 3, axis=1), 3, axis=2)[:, :16, :16]
+    chooser = selection.callback(val, val_y, ema_decay=0.9, bn_images=images)
+    model = _small_cnn("float32")
+    history = model.fit(images, train_y, batch_size=16, epochs=3, verbose=0, callbacks=[chooser])
+    # the model training ends with (the best epoch's averaged weights) normalises with its own statistics
+    for (mean, var), layer in zip(_batch_norm_statistics(model, images),
+                                  [l for l in model.layers if l.__class__.__name__ == "BatchNormalization"]):
+        np.testing.assert_allclose(layer.moving_mean.numpy(), mean, rtol=1e-4, atol=1e-4 * np.sqrt(var).max())
+        np.testing.assert_allclose(layer.moving_variance.numpy(), var, rtol=5e-4, atol=1e-6)
+    rescored = roc_auc_score(val_y, model.predict(val, verbose=0).ravel())
+    assert rescored == pytest.approx(chooser.best_val_auc, abs=1e-9)
+    assert history.history["val_auc"][chooser.best_epoch - 1] == chooser.best_val_auc
+
+
+def test_recalibration_refuses_a_model_that_is_not_a_chain():
+    import tensorflow as tf
+    inputs = tf.keras.Input((4, 4, 3))
+    a = tf.keras.layers.BatchNormalization()(inputs)
+    b = tf.keras.layers.Conv2D(3, 1)(inputs)
+    model = tf.keras.Model(inputs, tf.keras.layers.Add()([a, b]))
+    with pytest.raises(ValueError, match="chain"):
+        selection.recalibrate_batch_norm(model, np.zeros((2, 4, 4, 3), np.float32))

@@ -107,6 +107,7 @@ class TrainConfig:
     patience: int = 8
     min_steps_per_epoch: int = 20
     ema_decay: float = 0.99
+    bn_images: int = 512
     profile_steps: int = 0
     cache_mb: int = 2048
     precision: str = "auto"

@@ -15,19 +15,24 @@ from oncolake import metrics
 
 # --- the evaluate job -----------------------------------------------------------
 
-def read_split(url: str, filesystem=None, shard: tuple[int, int] | None = None):
+def read_split(url: str, filesystem=None, shard: tuple[int, int] | None = None, limit: int | None = None,
+               seed: int | None = None):
     """(image ids, uint8 images, labels) of one tensor split, read through Petastorm.
 
     ``shard=(index, count)`` reads only that shard's row groups (each training
     process scores its own share of the validation split); a shard may be empty.
+    ``limit`` stops after that many rows; with ``seed`` the row groups are read
+    in a shuffled order, so a limited read is a sample of the whole shard.
     """
     from petastorm import make_reader
     ids, images, labels = [], [], []
     index, count = shard or (None, None)
-    with make_reader(url, schema_fields=["image_id", "image", "label"], num_epochs=1, shuffle_row_groups=False,
-                     reader_pool_type="dummy", filesystem=filesystem, cur_shard=index,
-                     shard_count=count) as reader:
+    with make_reader(url, schema_fields=["image_id", "image", "label"], num_epochs=1,
+                     shuffle_row_groups=seed is not None, seed=seed, reader_pool_type="dummy",
+                     filesystem=filesystem, cur_shard=index, shard_count=count) as reader:
         for row in reader:
+            if limit is not None and len(images) >= limit:
+                break
             ids.append(row.image_id)
             images.append(row.image)
             labels.append(int(row.label))

@@ -14,6 +14,9 @@ the choice explicit and independent of how training ended:
   updated after every step: on a small validation split the AUC of raw
   weights jumps from epoch to epoch, and picking the luckiest epoch then
   picks noise;
+- with ``bn_images``, BatchNormalization's statistics are recomputed for
+  the weights scored, on those training images as inference sees them (no
+  augmentation), before validation (:func:`recalibrate_batch_norm`);
 - the best-scoring weights are kept, written by the chief as the best
   checkpoint, and are the model's weights when training ends.
 
@@ -37,9 +40,66 @@ def identity(value):
     return value
 
 
+def recalibrate_batch_norm(model, images: np.ndarray, *, batch_size: int = 64,
+                           average: Callable = identity) -> int:
+    """Set every BatchNormalization layer's moving mean and variance to its input's exact statistics.
+
+    Keras keeps an exponential moving average (momentum 0.99) of the batch
+    statistics seen in training: with 20 steps an epoch it still weighs the
+    initial mean 0 and variance 1 and weights several epochs old, and the
+    model scores in inference mode with statistics that are not its own.
+    Measured on BUSI at 128 px (float32, 6 epochs): the last epoch's moving
+    variances were 0.3-0.4x of those of their inputs' and validation AUC was
+    0.496; the same weights with recomputed statistics scored 0.844.
+
+    The statistics are those of ``images`` passed through the model in
+    inference mode (no augmentation, no dropout), layer by layer, so each
+    layer's are computed with the recomputed statistics of the layers
+    before it ("precise BN"). ``average`` averages a tensor across processes:
+    each contributes its own images, and all end with the same statistics.
+    The model must be a chain (each layer's input the previous layer's
+    output), as :func:`oncolake.training.build_model`'s are. Returns the
+    number of layers recomputed.
+    """
+    import tensorflow as tf
+
+    layers = model.layers
+    for previous, layer in zip(layers, layers[1:]):
+        if layer.input is not previous.output:
+            raise ValueError(f"batch-norm recalibration needs a chain of layers; {layer.name} "
+                             f"does not take {previous.name}'s output")
+    chunks = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
+    done = 0
+    for layer in layers[1:]:
+        if isinstance(layer, tf.keras.layers.BatchNormalization):
+            if layer.axis not in ([-1], [len(layer.input.shape) - 1]):
+                raise ValueError(f"{layer.name}: only channel-last batch normalization is recalibrated")
+            reduce = list(range(len(layer.input.shape) - 1))
+            channels = layer.moving_mean.shape[-1]
+            total = np.zeros(channels)
+            squares = np.zeros(channels)
+            count = 0.0
+            for chunk in chunks:
+                x = tf.cast(chunk, tf.float64)
+                total += tf.reduce_sum(x, axis=reduce).numpy()
+                squares += tf.reduce_sum(tf.square(x), axis=reduce).numpy()
+                count += float(np.prod(x.shape[:-1]))
+            # averaged sums over averaged counts: every process's pixels weigh the same
+            total, squares, count = (np.asarray(average(tf.constant(v, tf.float64)), np.float64)
+                                     for v in (total, squares, np.float64(count)))
+            if count > 0:
+                mean = total / count
+                layer.moving_mean.assign(mean.astype(np.float32))
+                layer.moving_variance.assign(np.maximum(squares / count - mean * mean, 0.0).astype(np.float32))
+                done += 1
+        chunks = [layer(chunk, training=False) for chunk in chunks]
+    return done
+
+
 def callback(val_images: np.ndarray, val_labels: np.ndarray, *, ema_decay: float = 0.0,
              batch_size: int = 64, gather: Callable = identity, average: Callable = identity,
-             save_best: Callable[[Any], None] | None = None, best: dict[str, Any] | None = None):
+             save_best: Callable[[Any], None] | None = None, best: dict[str, Any] | None = None,
+             bn_images: np.ndarray | None = None):
     """A Keras callback selecting the best validation epoch (see the module docstring).
 
     ``val_images``/``val_labels`` are this process's share of the validation
@@ -48,6 +108,8 @@ def callback(val_images: np.ndarray, val_labels: np.ndarray, *, ema_decay: float
     ``average`` averages a tensor across processes. ``save_best(model)`` is
     called while the new best weights are in the model. ``best`` resumes a
     run: ``{"epoch", "val_auc", "weights"}`` of the best epoch so far.
+    ``bn_images`` (this process's share of training images): the scored
+    weights' BatchNormalization statistics are recomputed on them first.
     """
     import tensorflow as tf
 
@@ -103,6 +165,9 @@ def callback(val_images: np.ndarray, val_labels: np.ndarray, *, ema_decay: float
             scored = self._scored_weights()
             self.model.set_weights(scored)
             try:
+                if bn_images is not None:
+                    recalibrate_batch_norm(self.model, bn_images, batch_size=batch_size, average=average)
+                    scored = self.model.get_weights()
                 local = (self.model.predict(val_images, batch_size=batch_size, verbose=0).ravel()
                          if len(val_images) else np.zeros(0, np.float32))
                 scores = np.asarray(gather(tf.constant(local.astype(np.float32))))

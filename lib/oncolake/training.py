@@ -182,6 +182,11 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
         filesystem = lake.petastorm_filesystem(spec["train_url"], spec["hdfs"])
         # Each rank scores its own shard of the validation split; the scores are gathered.
         _, val_images, val_labels = evaluation.read_split(spec["val_url"], filesystem, shard=(rank, size))
+        bn_images = None
+        if tcfg.bn_images:
+            # a sample of this rank's training shard, on which BatchNormalization's statistics are recomputed
+            _, bn_images, _ = evaluation.read_split(spec["train_url"], filesystem, shard=(rank, size),
+                                                    limit=-(-tcfg.bn_images // size), seed=tcfg.seed)
         initial_epoch, best = 0, None
         if spec["resume"]:
             # Weights only: the optimizer's moment estimates start afresh after a resume.
@@ -199,7 +204,8 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
             val_images, val_labels, ema_decay=tcfg.ema_decay, batch_size=spec["batch_size"] * 2,
             gather=lambda t: hvd_tf.allgather(t, name="val_gather"),
             average=lambda t: hvd_tf.allreduce(t, op=hvd_tf.Average, name="ema_average"),
-            save_best=(lambda m: m.save_weights(scratch / BEST)) if rank == 0 else None, best=best)
+            save_best=(lambda m: m.save_weights(scratch / BEST)) if rank == 0 else None, best=best,
+            bn_images=bn_images)
         callbacks = [
             clock,
             hvd.callbacks.BroadcastGlobalVariablesCallback(0),
@@ -346,6 +352,8 @@ def run(spark: SparkSession, cfg: Config, dataset: str, tensors_version: int | N
         raise ConfigError(f"train.calibration must be one of {calibration.METHODS}, got {tcfg.calibration!r}")
     if not 0.0 <= tcfg.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay must be in [0, 1), got {tcfg.ema_decay}")
+    if tcfg.bn_images < 0:
+        raise ConfigError(f"train.bn_images must be >= 0, got {tcfg.bn_images}")
     slots = spark.sparkContext.defaultParallelism
     num_proc = tcfg.num_proc or slots
     if num_proc > slots:
@@ -405,7 +413,9 @@ def run(spark: SparkSession, cfg: Config, dataset: str, tensors_version: int | N
         "history": history, "epochs_run": chief["epochs_run"], "best_val_auc": best_auc,
         "best_epoch": best_epoch, "precision": chief["precision"],
         "selection": {"criterion": "exact validation ROC AUC, inference mode", "ema_decay": tcfg.ema_decay,
-                      "weights": "moving average" if tcfg.ema_decay > 0 else "as trained"},
+                      "weights": "moving average" if tcfg.ema_decay > 0 else "as trained",
+                      "batch_norm": (f"statistics recomputed on up to {tcfg.bn_images} training images, "
+                                     "no augmentation" if tcfg.bn_images else "moving averages from training")},
         "num_proc": num_proc, "training_key": key, "steps_per_epoch": spec["steps_per_epoch"],
         "duration_s": round(seconds, 2), "resumed_from_epoch": chief["initial_epoch"],
         "images_per_sec": round(images_timed / max(sum(timed), 1e-9), 2),
