@@ -55,6 +55,50 @@ def test_augmentation_keeps_below_mean_pixels_in_training():
     assert trained.max() < 0 and abs(trained.mean() + 2.75) < 0.9
 
 
+def test_auto_precision_is_measured_once_per_host_and_network_then_kept_and_a_resumed_run_keeps_its_own(tmp_path):
+    import dataclasses
+    tcfg = config.TrainConfig(filters=(4,), dense_units=4, batch_size=8, precision_cache=str(tmp_path / "p.json"))
+    measured = training.measure_precision(16, tcfg, steps=2, rounds=1)
+    rates = measured["steps_per_s"]
+    assert set(rates) == {"float32", "mixed_bfloat16"} and min(rates.values()) > 0
+    assert measured["precision"] == max(rates, key=rates.get)
+
+    calls = []
+
+    def broadcast(obj, name):  # one rank: what rank 0 holds is what everyone gets
+        calls.append(name)
+        return obj
+
+    first = training.choose_precision(16, tcfg, 1, {}, 0, broadcast)
+    assert first["chosen_by"] == "measurement" and calls == ["precision_cached", "precision_measured"]
+    cached = json.loads((tmp_path / "p.json").read_text())
+    assert list(cached.values()) == [{k: v for k, v in first.items() if k != "chosen_by"}]
+    # the same host, network, size, batch and threads: the measurement is reused, nothing is timed
+    again = training.choose_precision(16, tcfg, 1, {}, 0, broadcast)
+    assert again == {**first, "chosen_by": "cache"} and calls[2:] == ["precision_cached"]
+    # what the cache says is what a run uses
+    key = next(iter(cached))
+    other = "float32" if first["precision"] == "mixed_bfloat16" else "mixed_bfloat16"
+    (tmp_path / "p.json").write_text(json.dumps({key: {**cached[key], "precision": other}}))
+    assert training.choose_precision(16, tcfg, 1, {}, 0, broadcast)["precision"] == other
+    # another size, batch or thread count is measured afresh
+    assert training.choose_precision(16, tcfg, 2, {}, 0, broadcast)["chosen_by"] == "measurement"
+    assert training.choose_precision(16, dataclasses.replace(tcfg, batch_size=4), 1, {}, 0, broadcast)[
+        "chosen_by"] == "measurement"
+    assert len(json.loads((tmp_path / "p.json").read_text())) == 3
+    # a resumed run keeps the precision its first attempt trained in; a configured one stands
+    assert training.choose_precision(16, tcfg, 1, {"precision": first["precision"]}, 0, broadcast) == {
+        "precision": first["precision"], "chosen_by": "resumed run"}
+    fixed = dataclasses.replace(tcfg, precision="float32")
+    assert training.choose_precision(16, fixed, 1, {"precision": "mixed_bfloat16"}, 0, broadcast) == {
+        "precision": "float32", "chosen_by": "configuration"}
+    # a damaged cache is measured over, not trusted
+    (tmp_path / "p.json").write_text("{not json")
+    assert training.choose_precision(16, tcfg, 1, {}, 0, broadcast)["chosen_by"] == "measurement"
+    with pytest.raises(config.ConfigError, match="train.precision"):
+        training.choose_precision(16, dataclasses.replace(tcfg, precision="fp16"), 1, {}, 0, broadcast)
+
+
 def _split_from_parquet(folder: Path) -> tuple[list[bytes], list[int]]:
     """The split's images (as bytes) and labels, read with pyarrow, not Petastorm."""
     import io
@@ -161,11 +205,16 @@ def test_horovod_two_ranks_train_one_epoch_with_identical_weights(spark, tmp_pat
     run(ingest_job, capsys, "--lake", lake, "--dataset", "syn", "--input", str(folder),
         "--labels", str(folder / "labels.csv"))
     run(preprocess_job, capsys, "--lake", lake, "--dataset", "syn", "--size", "16")
+    # auto precision: this host's earlier measurement (a cache seeded here) says bfloat16 is faster
+    cache = tmp_path / "precision.json"
+    key = training.precision_key(16, config.TrainConfig(filters=(4, 8), dense_units=8, batch_size=8), threads=1)
+    cache.write_text(json.dumps({key: {"precision": "mixed_bfloat16", "steps_per_s": {}}}))
     summary = submit("train", "--master", "local[2]", "--lake", lake, "--dataset", "syn", "--epochs", "3",
                      "--num-proc", "2", "--batch-size", "8", "--set", "train.filters=[4, 8]",
                      "--set", "train.dense_units=8", "--set", "train.min_steps_per_epoch=5",
-                     "--set", "train.patience=10")
+                     "--set", "train.patience=10", "--set", f"train.precision_cache={cache}")
     assert (summary["num_proc"], summary["epochs_run"], summary["model_version"]) == (2, 3, 1)
+    assert (summary["precision"], summary["precision_chosen_by"]) == ("mixed_bfloat16", "cache")
     assert summary["already_registered"] is False
     # about 42 training images in batches of 8 on 2 ranks make 3 steps; the floor makes 5
     assert summary["steps_per_epoch"] == 5
@@ -180,6 +229,8 @@ def test_horovod_two_ranks_train_one_epoch_with_identical_weights(spark, tmp_pat
     assert record["modalities"] == ["unspecified"] and record["pixels"]["mammo_crop"] is True
     model = tf.keras.models.load_model(model_dir / "model.keras", safe_mode=True, compile=False)
     assert training.weights_digest(model) == record["weights_digests"][0]
+    policies = {layer.dtype_policy.name for layer in model.submodules if isinstance(layer, tf.keras.layers.Conv2D)}
+    assert policies == {"mixed_bfloat16"} and record["precision"] == "mixed_bfloat16"
     assert (model_dir / "tensorboard").is_dir()
 
     # the registered weights are the best validation epoch's, as checkpointed in the run folder
@@ -251,14 +302,19 @@ def test_horovod_two_ranks_train_one_epoch_with_identical_weights(spark, tmp_pat
 
     # a run killed after its third epoch's checkpoint resumes from there, best epoch remembered
     state = json.loads((run_dir / "state.json").read_text())
-    assert state == {"epochs_done": 3, "best_epoch": record["best_epoch"], "best_val_auc": record["best_val_auc"]}
+    assert state == {"epochs_done": 3, "best_epoch": record["best_epoch"], "best_val_auc": record["best_val_auc"],
+                     "precision": "mixed_bfloat16"}
     assert (run_dir / "last.weights.h5").stat().st_size > 0
     assert (run_dir / "registered").read_text() == summary["model_uri"]
     (run_dir / "registered").unlink()
+    # the host now measures float32 faster: the resumed run still finishes in the precision it began in
+    cache.write_text(json.dumps({key: {"precision": "float32", "steps_per_s": {}}}))
     resumed = submit("train", "--master", "local[2]", "--lake", lake, "--dataset", "syn", "--epochs", "4",
                      "--num-proc", "2", "--batch-size", "8", "--set", "train.filters=[4, 8]",
-                     "--set", "train.dense_units=8", "--set", "train.patience=10", "--resume")
+                     "--set", "train.dense_units=8", "--set", "train.patience=10", "--resume",
+                     "--set", f"train.precision_cache={cache}")
     assert (resumed["resumed_from_epoch"], resumed["epochs_run"], resumed["model_version"]) == (3, 1, 2)
+    assert (resumed["precision"], resumed["precision_chosen_by"]) == ("mixed_bfloat16", "resumed run")
     assert resumed["ranks_identical"] is True
     assert resumed["best_val_auc"] >= record["best_val_auc"]
     assert resumed["best_epoch"] in (record["best_epoch"], 4)
@@ -278,7 +334,9 @@ def test_train_killed_at_three_seeded_moments_then_rerun_registers_the_one_model
     shutil.copytree(lake_dir, twin)
     settings = ["--master", "local[2]", "--dataset", "syn", "--epochs", "3", "--num-proc", "2", "--batch-size", "8",
                 "--set", "train.filters=[4, 8]", "--set", "train.dense_units=8",
-                "--set", "train.min_steps_per_epoch=5", "--set", "train.patience=10"]
+                "--set", "train.min_steps_per_epoch=5", "--set", "train.patience=10",
+                # auto precision: measured by the first attempt that gets there, then the same for all
+                "--set", f"train.precision_cache={tmp_path / 'precision.json'}"]
     args = ["--lake", str(lake_dir), *settings]
 
     reached, rerun_started, rerun = killed_three_times_then_rerun("train", args, ["--lake", str(twin), *settings], 18)
@@ -290,7 +348,7 @@ def test_train_killed_at_three_seeded_moments_then_rerun_registers_the_one_model
     mine, theirs = (json.loads((root / "models" / "syn" / "v1" / "model.json").read_text())
                     for root in (lake_dir, twin))
     for field in ("training_key", "tensors_version", "source_table_version", "hyperparameters", "num_proc",
-                  "steps_per_epoch", "size", "normalisation", "modalities"):
+                  "steps_per_epoch", "size", "normalisation", "modalities", "precision"):
         assert mine[field] == theirs[field], (field, reached)
     assert (rerun["model_version"], rerun["best_val_auc"]) == (1, mine["best_val_auc"]), reached
     # the model file is whole: its checksum (recorded at registration) holds, and Keras loads it

@@ -111,6 +111,7 @@ class TrainConfig:
     profile_steps: int = 0
     cache_mb: int = 2048
     precision: str = "auto"
+    precision_cache: str = ""
     calibration: str = "platt"
     seed: int = 42
     threshold_rule: str = "youden"

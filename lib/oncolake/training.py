@@ -69,9 +69,10 @@ def build_model(size: int, mean: list[float], std: list[float], tcfg: TrainConfi
     x = layers.RandomContrast(0.1, seed=tcfg.seed)(x)
     x = layers.Normalization(mean=mean, variance=[s * s for s in std], name="normalise")(x)
     conv = layers.SeparableConv2D if tcfg.architecture == "separable" else layers.Conv2D
-    # The network computes in bfloat16 where the CPU has it natively (variables stay
-    # float32); augmentation, normalisation and the output stay float32.
-    dtype = "mixed_bfloat16" if resolve_precision(tcfg.precision) == "mixed_bfloat16" else None
+    # In mixed bfloat16 the network computes in bfloat16 (variables stay float32);
+    # augmentation, normalisation and the output stay float32. "auto" builds float32:
+    # the training job resolves it by measurement (choose_precision) before building.
+    dtype = "mixed_bfloat16" if check_precision(tcfg.precision) == "mixed_bfloat16" else None
     for filters in tcfg.filters:
         for _ in range(2):
             x = conv(filters, 3, padding="same", use_bias=False, dtype=dtype)(x)
@@ -89,23 +90,116 @@ def build_model(size: int, mean: list[float], std: list[float], tcfg: TrainConfi
 PRECISIONS = ("auto", "float32", "mixed_bfloat16")
 
 
-def resolve_precision(precision: str, cpuinfo: str = "/proc/cpuinfo") -> str:
-    """``float32`` or ``mixed_bfloat16``; ``auto`` picks bfloat16 where the CPU computes it natively.
-
-    Measured on this project's AMD EPYC (AVX-512 with BF16): the 3-block CNN
-    trains 1.8x faster per core in mixed bfloat16 at 64-128 px. Without
-    native bfloat16 (``avx512_bf16`` or ``amx_bf16``) it is emulated and slower.
-    """
+def check_precision(precision: str) -> str:
+    """``precision`` if it is one ``train.precision`` takes, else a ConfigError."""
     if precision not in PRECISIONS:
         raise ConfigError(f"train.precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision != "auto":
-        return precision
-    try:
-        flags = set(Path(cpuinfo).read_text().split())
-    except OSError:
-        return "float32"
-    return "mixed_bfloat16" if flags & {"avx512_bf16", "amx_bf16"} else "float32"
+    return precision
 
+
+def measure_precision(size: int, tcfg: TrainConfig, steps: int = 4, rounds: int = 2) -> dict[str, Any]:
+    """Training steps per second of the configured CNN in float32 and in mixed bfloat16, here; the faster.
+
+    Which is faster depends on the CPU, the image size and the threads, not on a
+    CPU flag: both hosts this project has run on report ``avx512_bf16``, yet
+    bfloat16 trained 1.8x faster than float32 on one (AMD EPYC) and 0.5-1.0x
+    on the other (an Intel Xeon; docs/benchmarks.md). So a few steps of each
+    on one batch of random images, warm (traced, two steps), alternating
+    ``rounds`` times, each precision's best round counting. Ties go to float32.
+    """
+    import numpy as np
+    import tensorflow as tf
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.integers(0, 256, (tcfg.batch_size, size, size, 3), dtype=np.uint8))
+    y = tf.constant(rng.integers(0, 2, (tcfg.batch_size, 1)).astype("float32"))
+    models = {}
+    for precision in ("float32", "mixed_bfloat16"):
+        model = build_model(size, [128.0] * 3, [50.0] * 3, dataclasses.replace(tcfg, precision=precision))
+        model.compile(optimizer=tf.keras.optimizers.Adam(tcfg.learning_rate), loss="binary_crossentropy")
+        for _ in range(2):
+            model.train_on_batch(x, y)
+        models[precision] = model
+    rates = dict.fromkeys(models, 0.0)
+    for _ in range(rounds):
+        for precision, model in models.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                model.train_on_batch(x, y)  # returns the loss as a number: the step has finished
+            rates[precision] = max(rates[precision], steps / (time.perf_counter() - start))
+    return {"precision": max(rates, key=rates.get), "chosen_by": "measurement",
+            "steps_per_s": {p: round(r, 3) for p, r in rates.items()}}
+
+
+def precision_cache_file(tcfg: TrainConfig) -> Path:
+    """Where measured precisions are kept on the host where rank 0 runs."""
+    if tcfg.precision_cache:
+        return Path(tcfg.precision_cache)
+    root = os.environ.get("ONCOLAKE_CACHE") or Path.home() / ".cache" / "oncolake"
+    return Path(root) / "precision.json"
+
+
+def precision_key(size: int, tcfg: TrainConfig, threads: int, cpuinfo: str = "/proc/cpuinfo") -> str:
+    """What a measured precision holds for: this CPU (model and flags), TensorFlow, the network, the
+    image size, the batch and the threads of a rank."""
+    import tensorflow as tf
+    try:
+        first = Path(cpuinfo).read_text().split("\n\n")[0]
+    except OSError:
+        first = ""
+    cpu = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in first.splitlines())
+           if k.strip() in ("vendor_id", "model name", "cpu family", "model", "flags")}
+    what = {"cpu": cpu, "cores": os.cpu_count(), "tensorflow": tf.__version__, "size": size, "threads": threads,
+            "network": [tcfg.architecture, list(tcfg.filters), tcfg.dense_units], "batch_size": tcfg.batch_size}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _cached_precision(path: Path, key: str) -> dict[str, Any] | None:
+    try:
+        known = json.loads(path.read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return {**known, "chosen_by": "cache"} if isinstance(known, dict) and known.get("precision") in PRECISIONS[1:] \
+        else None
+
+
+def _cache_precision(path: Path, key: str, measured: dict[str, Any]) -> None:
+    """Add ``measured`` under ``key``; a cache that cannot be written is only logged."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            known = json.loads(path.read_text())
+        except (OSError, ValueError):
+            known = {}
+        known = known if isinstance(known, dict) else {}
+        known[key] = {k: v for k, v in measured.items() if k != "chosen_by"}
+        partial = path.with_name(f".{path.name}.{os.getpid()}")
+        partial.write_text(json.dumps(known, indent=1, sort_keys=True))
+        os.replace(partial, path)
+    except OSError as e:
+        log.warning("could not keep the measured precision in %s: %s", path, e)
+
+
+def choose_precision(size: int, tcfg: TrainConfig, threads: int, state: dict[str, Any], rank: int,
+                     broadcast) -> dict[str, Any]:
+    """The precision this run trains in, and why: ``{"precision", "chosen_by"[, "steps_per_s"]}``.
+
+    A configured precision stands. ``auto`` keeps what the run's first attempt
+    used (``state``, a resumed run), else what was measured before on this
+    host for the same network, size, batch and threads (a small cache, so
+    runs on one host are reproducible), else measures (every rank at once, the
+    load training puts on the host) and rank 0's result, broadcast, decides.
+    """
+    if check_precision(tcfg.precision) != "auto":
+        return {"precision": tcfg.precision, "chosen_by": "configuration"}
+    if state.get("precision") in PRECISIONS[1:]:
+        return {"precision": state["precision"], "chosen_by": "resumed run"}
+    path, key = precision_cache_file(tcfg), precision_key(size, tcfg, threads)
+    known = broadcast(_cached_precision(path, key) if rank == 0 else None, "precision_cached")
+    if known is None:
+        known = broadcast(measure_precision(size, tcfg), "precision_measured")
+        if rank == 0:
+            _cache_precision(path, key, known)
+    return known
 
 def weights_digest(model) -> str:
     """SHA-256 of all weights in order: equal digests mean identical models."""
@@ -170,10 +264,18 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
     tf.config.threading.set_intra_op_parallelism_threads(spec["threads"])
     tf.config.threading.set_inter_op_parallelism_threads(1)
     tcfg = TrainConfig(**spec["train"])
-    tf.keras.utils.set_random_seed(tcfg.seed)
     # Keras writes checkpoints to local scratch; rank 0 copies them to the run
     # folder in the lake (local disk or HDFS) after every epoch.
     fs, run_path = lake.python_fs(spec["run_uri"], spec["hdfs"])
+    state = json.loads(fs.cat_file(f"{run_path}/state.json")) if spec["resume"] else {}
+    chosen = choose_precision(spec["size"], tcfg, spec["threads"], state, rank,
+                              lambda obj, name: hvd_tf.broadcast_object(obj, root_rank=0, name=name))
+    tcfg = dataclasses.replace(tcfg, precision=chosen["precision"])
+    if rank == 0:
+        log.info("training in %s (%s%s)", tcfg.precision, chosen["chosen_by"],
+                 f", steps/s {chosen['steps_per_s']}" if "steps_per_s" in chosen else "")
+    tf.keras.backend.clear_session()  # the measurement's models: names and seeds start afresh
+    tf.keras.utils.set_random_seed(tcfg.seed)
     scratch = _local_scratch(rank)
     try:
         model = build_model(spec["size"], spec["mean"], spec["std"], tcfg)
@@ -190,7 +292,6 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
         initial_epoch, best = 0, None
         if spec["resume"]:
             # Weights only: the optimizer's moment estimates start afresh after a resume.
-            state = json.loads(fs.cat_file(f"{run_path}/state.json"))
             initial_epoch = state["epochs_done"]
             if state.get("best_epoch"):
                 fs.get(f"{run_path}/{BEST}", str(scratch / BEST))
@@ -223,7 +324,8 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
                 tf.keras.callbacks.LambdaCallback(
                     on_epoch_end=lambda epoch, _logs: _save_progress(
                         fs, run_path, scratch, {"epochs_done": epoch + 1, "best_epoch": chooser.best_epoch,
-                                                "best_val_auc": chooser.best_val_auc})),
+                                                "best_val_auc": chooser.best_val_auc,
+                                                "precision": tcfg.precision})),
                 tf.keras.callbacks.TensorBoard(str(scratch / "tensorboard"),
                                                profile_batch=_profiled_steps(tcfg.profile_steps,
                                                                              spec["steps_per_epoch"])),
@@ -239,7 +341,7 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
                   "epoch_train_seconds": clock.seconds,
                   "initial_epoch": initial_epoch,
                   "best_epoch": chooser.best_epoch, "best_val_auc": chooser.best_val_auc,
-                  "precision": resolve_precision(tcfg.precision),
+                  "precision": tcfg.precision, "precision_choice": chosen,
                   # where the rank ran: a standalone worker starts each executor in its own folder
                   "placement": f"{socket.gethostname()}:{os.getcwd()}",
                   "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
@@ -318,7 +420,7 @@ def _save_progress(fs, run_path: str, scratch: Path, state: dict[str, Any]) -> N
 
 
 #: Train settings that change how fast a model trains, not which model: left out of its key.
-_SPEED_ONLY = ("profile_steps", "cache_mb")
+_SPEED_ONLY = ("profile_steps", "cache_mb", "precision_cache")
 
 
 def training_key(dataset: str, tensors_version: int, manifest: dict[str, Any], tcfg: TrainConfig,
@@ -350,6 +452,7 @@ def run(spark: SparkSession, cfg: Config, dataset: str, tensors_version: int | N
     tensors = lake.tensors_uri(lake_uri, dataset, tensors_version)
     if tcfg.calibration not in calibration.METHODS:
         raise ConfigError(f"train.calibration must be one of {calibration.METHODS}, got {tcfg.calibration!r}")
+    check_precision(tcfg.precision)
     if not 0.0 <= tcfg.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay must be in [0, 1), got {tcfg.ema_decay}")
     if tcfg.bn_images < 0:
@@ -411,7 +514,7 @@ def run(spark: SparkSession, cfg: Config, dataset: str, tensors_version: int | N
         "pixels": manifest.get("pixels", {}),
         "modalities": manifest.get("modalities") or [cfg.ingest.modality(dataset)],
         "history": history, "epochs_run": chief["epochs_run"], "best_val_auc": best_auc,
-        "best_epoch": best_epoch, "precision": chief["precision"],
+        "best_epoch": best_epoch, "precision": chief["precision"], "precision_choice": chief["precision_choice"],
         "selection": {"criterion": "exact validation ROC AUC, inference mode", "ema_decay": tcfg.ema_decay,
                       "weights": "moving average" if tcfg.ema_decay > 0 else "as trained",
                       "batch_norm": (f"statistics recomputed on up to {tcfg.bn_images} training images, "
@@ -453,7 +556,8 @@ def _summary(record: dict[str, Any], version: int, model_dir: str, already_regis
             "epoch_train_seconds": record["epoch_train_seconds"], "tensors_version": record["tensors_version"],
             "ranks_identical": len(record["weights_digests"]) == 1,
             "resumed_from_epoch": record["resumed_from_epoch"], "steps_per_epoch": record["steps_per_epoch"],
-            "placement": record["placement"],
+            "placement": record["placement"], "precision": record.get("precision"),
+            "precision_chosen_by": record.get("precision_choice", {}).get("chosen_by"),
             **({"profile": record["profile"]} if "profile" in record else {})}
 
 

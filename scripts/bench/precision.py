@@ -1,8 +1,9 @@
 """Benchmark the CNN's training step in float32 against mixed bfloat16, on this CPU.
 
-``train.precision: auto`` picks mixed bfloat16 wherever /proc/cpuinfo shows
-native bfloat16 (``avx512_bf16`` or ``amx_bf16``). Whether that is faster
-depends on the CPU, not on the flag alone: this measures it. In one process,
+Whether mixed bfloat16 is faster depends on the CPU, the size and the
+threads, not on a CPU flag: ``train.precision: auto`` times a few steps of
+each at the start of a run (``training.measure_precision``) and keeps the
+faster. This measures the same thing at more length. In one process,
 for each ``--size``: the model ``training.build_model`` builds from the
 configuration, compiled with Adam, a warm-up epoch, then ``--steps`` training
 steps of ``train.batch_size`` random uint8 images on every core, once per
@@ -60,7 +61,7 @@ def _measure(cfg, args) -> dict:
         sizes[str(size)] = {"float32_steps_per_s": round(best["float32"], 3),
                             "bfloat16_steps_per_s": round(best["mixed_bfloat16"], 3),
                             "ratio": round(best["mixed_bfloat16"] / best["float32"], 3)}
-    return {"cpu": model_name, "auto_picks": training.resolve_precision("auto"),
+    return {"cpu": model_name,
             "batch_size": cfg.train.batch_size, "steps": args.steps, "sizes": sizes}
 
 

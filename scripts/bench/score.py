@@ -92,7 +92,7 @@ def _measure(spark, cfg, work: Path, args) -> dict:
             "vs_predict_batch_udf": round(rates["score_job"] / rates["predict_batch_udf"], 3),
             "forward_gflop_per_image": round(forward / 1e9, 3), **ceiling,
             "fraction_of_matmul_ceiling": round(forward * rates["score_job"] / 1e9 / ceiling["ceiling_gflops"], 3),
-            "precision": training.resolve_precision(cfg.train.precision),
+            "precision": "float32" if cfg.train.precision == "auto" else cfg.train.precision,
             "incremental_new_night_images": incremental.get("scored"),
             "incremental_s": round(incremental_s, 2), "alone_s": round(alone_s, 2),
             "incremental_vs_alone": round(incremental_s / alone_s, 3),
