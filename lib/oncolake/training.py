@@ -109,6 +109,7 @@ def measure_precision(size: int, tcfg: TrainConfig, steps: int = 4, rounds: int 
     """
     import numpy as np
     import tensorflow as tf
+    began = time.perf_counter()
     rng = np.random.default_rng(0)
     x = tf.constant(rng.integers(0, 256, (tcfg.batch_size, size, size, 3), dtype=np.uint8))
     y = tf.constant(rng.integers(0, 2, (tcfg.batch_size, 1)).astype("float32"))
@@ -127,7 +128,8 @@ def measure_precision(size: int, tcfg: TrainConfig, steps: int = 4, rounds: int 
                 model.train_on_batch(x, y)  # returns the loss as a number: the step has finished
             rates[precision] = max(rates[precision], steps / (time.perf_counter() - start))
     return {"precision": max(rates, key=rates.get), "chosen_by": "measurement",
-            "steps_per_s": {p: round(r, 3) for p, r in rates.items()}}
+            "steps_per_s": {p: round(r, 3) for p, r in rates.items()},
+            "seconds": round(time.perf_counter() - began, 1)}
 
 
 def precision_cache_file(tcfg: TrainConfig) -> Path:
@@ -271,9 +273,9 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
     chosen = choose_precision(spec["size"], tcfg, spec["threads"], state, rank,
                               lambda obj, name: hvd_tf.broadcast_object(obj, root_rank=0, name=name))
     tcfg = dataclasses.replace(tcfg, precision=chosen["precision"])
-    if rank == 0:
-        log.info("training in %s (%s%s)", tcfg.precision, chosen["chosen_by"],
-                 f", steps/s {chosen['steps_per_s']}" if "steps_per_s" in chosen else "")
+    if rank == 0:  # Horovod relays a rank's stdout to the job's log
+        print(f"training in {tcfg.precision} ({chosen['chosen_by']}"
+              + (f", steps/s {chosen['steps_per_s']}" if chosen.get("steps_per_s") else "") + ")", flush=True)
     tf.keras.backend.clear_session()  # the measurement's models: names and seeds start afresh
     tf.keras.utils.set_random_seed(tcfg.seed)
     scratch = _local_scratch(rank)
