@@ -48,7 +48,8 @@ def render(dataset: str, version: int, record: dict[str, Any], manifest: dict[st
              f"- architecture {record['architecture']}, {record['num_proc']} Horovod processes, "
              f"precision {record.get('precision', 'float32')}, {record['epochs_run']} epochs run",
              (f"- selection: the weights of epoch {record['best_epoch']} (validation ROC AUC "
-              f"{_f(record['best_val_auc'])}), {record['selection']['weights']}" if record.get("selection") else
+              f"{_f(record['best_val_auc'])}), {record['selection']['weights']}; batch normalization: "
+              f"{record['selection'].get('batch_norm', 'moving averages from training')}" if record.get("selection") else
               "- selection: not recorded (trained before oncolake registered the best epoch: retrain)")]
     fitted = record.get("calibration") or {}
     if fitted.get("method", "none") != "none":

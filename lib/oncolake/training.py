@@ -519,8 +519,9 @@ def run(spark: SparkSession, cfg: Config, dataset: str, tensors_version: int | N
         "best_epoch": best_epoch, "precision": chief["precision"], "precision_choice": chief["precision_choice"],
         "selection": {"criterion": "exact validation ROC AUC, inference mode", "ema_decay": tcfg.ema_decay,
                       "weights": "moving average" if tcfg.ema_decay > 0 else "as trained",
-                      "batch_norm": (f"statistics recomputed on up to {tcfg.bn_images} training images, "
-                                     "no augmentation" if tcfg.bn_images else "moving averages from training")},
+                      "batch_norm": ("statistics recomputed on training images (no augmentation) before each "
+                                     "validation" if tcfg.bn_images else "moving averages from training"),
+                      "bn_images": tcfg.bn_images},
         "num_proc": num_proc, "training_key": key, "steps_per_epoch": spec["steps_per_epoch"],
         "duration_s": round(seconds, 2), "resumed_from_epoch": chief["initial_epoch"],
         "images_per_sec": round(images_timed / max(sum(timed), 1e-9), 2),
