@@ -203,6 +203,7 @@ def choose_precision(size: int, tcfg: TrainConfig, threads: int, state: dict[str
             _cache_precision(path, key, known)
     return known
 
+
 def weights_digest(model) -> str:
     """SHA-256 of all weights in order: equal digests mean identical models."""
     digest = hashlib.sha256()
