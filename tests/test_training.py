@@ -62,6 +62,12 @@ def test_auto_precision_is_measured_once_per_host_and_network_then_kept_and_a_re
     rates = measured["steps_per_s"]
     assert set(rates) == {"float32", "mixed_bfloat16"} and min(rates.values()) > 0
     assert measured["precision"] == max(rates, key=rates.get)
+    # a precision slower than float32 by more than give_up on the warm-up is timed no further
+    assert "given_up" not in training.measure_precision(16, tcfg, steps=2, rounds=1, give_up=float("inf"))
+    hopeless = training.measure_precision(16, tcfg, steps=2, rounds=1, give_up=0.0)
+    assert hopeless["precision"] == "float32" and set(hopeless["given_up"]) == {"mixed_bfloat16"}
+    assert hopeless["given_up"]["mixed_bfloat16"].startswith("1 warm-up call(s) took ")
+    assert 0 < hopeless["steps_per_s"]["mixed_bfloat16"] and hopeless["steps_per_s"]["float32"] > 0
 
     calls = []
 

@@ -97,7 +97,8 @@ def check_precision(precision: str) -> str:
     return precision
 
 
-def measure_precision(size: int, tcfg: TrainConfig, steps: int = 4, rounds: int = 2) -> dict[str, Any]:
+def measure_precision(size: int, tcfg: TrainConfig, steps: int = 4, rounds: int = 2,
+                      give_up: float = 3.0) -> dict[str, Any]:
     """Training steps per second of the configured CNN in float32 and in mixed bfloat16, here; the faster.
 
     Which is faster depends on the CPU, the image size and the threads, not on a
@@ -106,6 +107,14 @@ def measure_precision(size: int, tcfg: TrainConfig, steps: int = 4, rounds: int 
     on the other (an Intel Xeon; docs/benchmarks.md). So a few steps of each
     on one batch of random images, warm (traced, two steps), alternating
     ``rounds`` times, each precision's best round counting. Ties go to float32.
+
+    On a CPU without bfloat16 instructions a bfloat16 step is emulated, 10x
+    float32's or more (an AMD EPYC without ``avx512_bf16``: 22 s a step at
+    96 px, the whole measurement 258 s of a 30-minute training). So bfloat16's
+    warm-up calls are timed against float32's, call for call (tracing
+    included in both): one that takes more than ``give_up`` times as long
+    cannot win and is timed no further. Its ``steps_per_s`` is then its warm-up
+    calls over their time (tracing included), and ``given_up`` says so.
     """
     import numpy as np
     import tensorflow as tf
@@ -113,23 +122,35 @@ def measure_precision(size: int, tcfg: TrainConfig, steps: int = 4, rounds: int 
     rng = np.random.default_rng(0)
     x = tf.constant(rng.integers(0, 256, (tcfg.batch_size, size, size, 3), dtype=np.uint8))
     y = tf.constant(rng.integers(0, 2, (tcfg.batch_size, 1)).astype("float32"))
-    models = {}
-    for precision in ("float32", "mixed_bfloat16"):
+    models, rates, given_up, warm = {}, {}, {}, {}
+    for precision in PRECISIONS[1:]:  # float32 first: the others are held to its warm-up
         model = build_model(size, [128.0] * 3, [50.0] * 3, dataclasses.replace(tcfg, precision=precision))
         model.compile(optimizer=tf.keras.optimizers.Adam(tcfg.learning_rate), loss="binary_crossentropy")
-        for _ in range(2):
+        start, warm[precision] = time.perf_counter(), []
+        for call in range(2):
             model.train_on_batch(x, y)
-        models[precision] = model
-    rates = dict.fromkeys(models, 0.0)
+            warm[precision].append(time.perf_counter() - start)
+            reference = warm["float32"][call]
+            if precision != "float32" and warm[precision][-1] > give_up * reference:
+                given_up[precision] = (f"{call + 1} warm-up call(s) took {warm[precision][-1]:.1f} s, "
+                                       f"float32's {reference:.1f} s")
+                rates[precision] = (call + 1) / warm[precision][-1]
+                break
+        else:
+            models[precision] = model
+            rates[precision] = 0.0
     for _ in range(rounds):
         for precision, model in models.items():
             start = time.perf_counter()
             for _ in range(steps):
                 model.train_on_batch(x, y)  # returns the loss as a number: the step has finished
             rates[precision] = max(rates[precision], steps / (time.perf_counter() - start))
-    return {"precision": max(rates, key=rates.get), "chosen_by": "measurement",
-            "steps_per_s": {p: round(r, 3) for p, r in rates.items()},
-            "seconds": round(time.perf_counter() - began, 1)}
+    measured = {"precision": max(rates, key=rates.get), "chosen_by": "measurement",
+                "steps_per_s": {p: round(r, 3) for p, r in rates.items()},
+                "seconds": round(time.perf_counter() - began, 1)}
+    if given_up:
+        measured["given_up"] = given_up
+    return measured
 
 
 def precision_cache_file(tcfg: TrainConfig) -> Path:
