@@ -102,7 +102,7 @@ def measure_precision(size: int, tcfg: TrainConfig, steps: int = 4, rounds: int 
     """Training steps per second of the configured CNN in float32 and in mixed bfloat16, here; the faster.
 
     Which is faster depends on the CPU, the image size and the threads, not on a
-    CPU flag: both hosts this project has run on report ``avx512_bf16``, yet
+    CPU flag: two hosts this project has run on report ``avx512_bf16``, yet
     bfloat16 trained 1.8x faster than float32 on one (AMD EPYC) and 0.5-1.0x
     on the other (an Intel Xeon; docs/benchmarks.md). So a few steps of each
     on one batch of random images, warm (traced, two steps), alternating
