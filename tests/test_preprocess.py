@@ -14,7 +14,7 @@ import pytest
 from jobs import ingest as ingest_job
 from jobs import preprocess as preprocess_job
 from oncolake import lake as lakefs
-from oncolake import preprocess, synthetic
+from oncolake import cli, config, preprocess, synthetic
 from tests.conftest import last_json, shared_dataset
 
 
@@ -72,6 +72,30 @@ def test_real_data_splits_are_grouped_stratified_and_repeatable(spark, tmp_path,
     assert code == 0, err
     assert (again["created"], again["version"]) == (False, 1)
     assert preprocess.published_versions(spark, lakefs.qualify(spark, lake), name) == [1]
+
+
+def test_a_data_sets_configured_settings_reach_its_job_and_no_other(spark, tmp_path, capsys):
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    shutil.copy(config.default_conf_dir() / "base.yaml", conf)
+    (conf / "local.yaml").write_text((config.default_conf_dir() / "local.yaml").read_text()
+                                     + "\ndatasets:\n  syn: {preprocess: {size: 20, resize: pad}}\n")
+    folder, lake = tmp_path / "in", str(tmp_path / "lake")
+    make_folder(folder, groups=10, per_group=2, seed=5)
+    ingest(capsys, lake, folder, "syn")
+    code, out, err = run(preprocess_job, capsys, "--lake", lake, "--dataset", "syn", "--conf-dir", str(conf))
+    assert code == 0, err
+    manifest = json.loads(Path(out["output"].removeprefix("file:"), "manifest.json").read_text())
+    assert (manifest["size"], manifest["resize"]) == (20, "pad")
+    # every job resolves its configuration the same way: another data set gets
+    # the files' settings, and a job's own flags (--size is a --set) still win
+    parser = cli.parser("any", None)
+    parser.add_argument("--dataset")
+
+    def resolved(*argv):
+        return cli.load_config(parser.parse_args(["--conf-dir", str(conf), *argv]))
+    assert resolved("--dataset", "syn2").preprocess.size == config.PreprocessConfig().size
+    assert resolved("--dataset", "syn", "--set", "preprocess.size=24").preprocess.size == 24
 
 
 def test_new_images_never_move_old_ones(spark, tmp_path, capsys):

@@ -33,7 +33,8 @@ def load_config(args: argparse.Namespace) -> config.Config:
     """Resolve the configuration for parsed ``args``, set up logging, log it."""
     setup_logging()
     overrides = list(args.set) + ([f"lake={args.lake}"] if args.lake else [])
-    cfg = config.load(args.env, overrides=overrides, environ=os.environ, conf_dir=args.conf_dir)
+    cfg = config.load(args.env, overrides=overrides, environ=os.environ, conf_dir=args.conf_dir,
+                      dataset=getattr(args, "dataset", None))
     log.info("configuration: %s", json.dumps(config.describe(cfg), sort_keys=True))
     return cfg
 

@@ -1,11 +1,14 @@
 """Layered, typed, frozen configuration.
 
-Layers, later wins: ``conf/base.yaml``, ``conf/<env>.yaml``, ``ONCOLAKE_*``
-environment variables (endpoints and secrets only, see ``ENVIRONMENT``),
-then ``--set key=value`` overrides. Unknown keys are errors.
+Layers, later wins: ``conf/base.yaml``, ``conf/<env>.yaml``, the
+``datasets.<NAME>`` entry of those files for a job given ``--dataset NAME``
+(the settings measured best on that data set), ``ONCOLAKE_*`` environment
+variables (endpoints and secrets only, see ``ENVIRONMENT``), then ``--set
+key=value`` overrides. Unknown keys are errors, in every dataset's entry too.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import re
@@ -31,6 +34,9 @@ ENVIRONMENT = {
     "ONCOLAKE_DATABASE_PASSFILE": "serve.database_passfile",
     "ONCOLAKE_JWT_KEY_FILE": "serve.jwt_key_file",
 }
+#: The sections a ``datasets.<NAME>`` entry may set: how that data set's
+#: images are taken, prepared, learnt and judged (not where anything runs).
+PER_DATASET = ("ingest", "preprocess", "train", "evaluate", "score")
 #: Keys whose values are never logged.
 SECRET_MARKERS = ("password", "token", "secret")
 
@@ -212,8 +218,12 @@ def default_conf_dir() -> Path:
 
 def load(env: str = "local", overrides: Sequence[str] = (),
          environ: Mapping[str, str] | None = None,
-         conf_dir: str | Path | None = None) -> Config:
-    """Resolve the configuration layers into a frozen :class:`Config`."""
+         conf_dir: str | Path | None = None, dataset: str | None = None) -> Config:
+    """Resolve the configuration layers into a frozen :class:`Config`.
+
+    ``dataset``: the data set the job works on; its ``datasets`` entry, if
+    any, goes over the files' sections (and under the environment and ``--set``).
+    """
     folder = Path(conf_dir) if conf_dir else default_conf_dir()
     raw: dict[str, Any] = {}
     for name in ("base", env):
@@ -229,6 +239,17 @@ def load(env: str = "local", overrides: Sequence[str] = (),
         if not isinstance(layer, dict):
             raise ConfigError(f"{path} must hold a mapping")
         _merge(raw, layer)
+    per_dataset = _per_dataset(raw)
+    if dataset is None:  # the nightly run names its data set in the configuration itself
+        dataset = _build(Config, _over(copy.deepcopy(raw), environ, overrides), "").nightly.dataset
+    if dataset in per_dataset:
+        log.info("settings for dataset %s: %s", dataset, per_dataset[dataset])
+        _merge(raw, copy.deepcopy(per_dataset[dataset]))
+    return _build(Config, _over(raw, environ, overrides), "")
+
+
+def _over(raw: dict, environ: Mapping[str, str] | None, overrides: Sequence[str]) -> dict:
+    """``raw`` with the environment's keys and the ``--set`` overrides on top."""
     for var, key in ENVIRONMENT.items():
         if environ and environ.get(var):
             _set(raw, key, environ[var])
@@ -236,12 +257,38 @@ def load(env: str = "local", overrides: Sequence[str] = (),
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set takes key=value, got {item!r}")
+        if key.strip().startswith("datasets."):
+            raise ConfigError(f"--set {key.strip()}: a job's --set already wins over its data set's entry; "
+                              "set the key itself (e.g. preprocess.size=64)")
         try:
             parsed = yaml.safe_load(value)
         except yaml.YAMLError:
             parsed = value
         _set(raw, key.strip(), value if parsed is None and value else parsed)
-    return _build(Config, raw, "")
+    return raw
+
+
+def _per_dataset(raw: dict) -> dict[str, dict]:
+    """Take the ``datasets`` section out of ``raw`` and check every entry, used or not."""
+    entries = raw.pop("datasets", None) or {}
+    if not isinstance(entries, Mapping):
+        raise ConfigError(f"datasets must map data set names to settings, got {entries!r}")
+    if entries:
+        _build(Config, copy.deepcopy(raw), "")  # an error outside the entries is reported as itself
+    for name, entry in entries.items():
+        where = f"datasets.{name}"
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"{where} must be a mapping, got {entry!r}")
+        outside = sorted(set(entry) - set(PER_DATASET))
+        if outside:
+            raise ConfigError(f"{where} may set only {', '.join(PER_DATASET)}; not {', '.join(outside)}")
+        trial = copy.deepcopy(raw)
+        _merge(trial, copy.deepcopy(entry))
+        try:
+            _build(Config, trial, "")
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from err
+    return {str(name): entry for name, entry in entries.items()}
 
 
 def describe(cfg: Config) -> dict[str, Any]:
