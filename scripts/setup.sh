@@ -11,7 +11,9 @@
 # 3. Resolves the JVM jars of conf/jvm.txt once from Maven Central into the
 #    cache and links them at .cache/jars (ignored) for Spark and HDFS, and
 #    compiles oncolake's own JVM classes (lib/jvm: the Delta log store that
-#    makes concurrent commits to a local lake safe) into .cache/oncolake-jvm.
+#    makes concurrent commits to a local lake safe) into .cache/oncolake-jvm,
+#    and dumps a JVM class archive (one small ingest) into .cache/jvm-classes
+#    that jobs' drivers map (ONCOLAKE_CLASS_ARCHIVE=0 skips it).
 # A second run with nothing changed does nothing and takes seconds.
 set -euo pipefail
 
@@ -141,6 +143,36 @@ if [ ! -f "$built/.complete-$jvm_src_key" ]; then
   rm -rf "$built/classes"
   touch "$built/.complete-$jvm_src_key"
 fi
+
+# --- 3c. the JVM class archive -------------------------------------------------
+# Class data sharing: one small ingest dumps the classes a job's JVM loads
+# (Spark, Delta, Hadoop); every later driver maps them (lib/oncolake/session.py,
+# CLASS_ARCHIVE). The JVM maps it only for the same class path, jar for jar
+# (path, size, time): keyed by the JDK, the pins, this clone and its venv's
+# jars. ONCOLAKE_CLASS_ARCHIVE=0 skips it.
+spark_jars="$(.venv/bin/python -c 'import os, pyspark; print(os.path.dirname(pyspark.__file__))')/jars"
+cds_key="$( (java -version 2>&1; echo "$py_key $jvm_key $jvm_src_key $root"
+             ls -l --time-style=+%s "$spark_jars" .cache/jars/spark/ .cache/oncolake-jvm/) | sha256sum | cut -c1-16)"
+# Of no use to another clone, so kept in this one's .cache (about 200 MB).
+archive=".cache/jvm-classes/$cds_key.jsa"
+if [ "${ONCOLAKE_CLASS_ARCHIVE:-1}" = 1 ] && [ ! -f "$archive" ]; then
+  step="dump the JVM class archive"
+  log "dumping the JVM class archive into $archive (one small ingest, about a minute)"
+  rm -rf .cache/jvm-classes .cache/jvm-classes.jsa
+  work="$(mktemp -d)"
+  mkdir -p "$work/in" .cache/jvm-classes
+  .venv/bin/python -c 'import sys, cv2, numpy as np
+cv2.imwrite(sys.argv[1], np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))' "$work/in/a.png"
+  if scripts/submit.sh ingest --lake "$work/lake" --dataset warmup --input "$work/in" \
+       --set "spark.conf.spark.driver.extraJavaOptions=-XX:ArchiveClassesAtExit=$work/classes.jsa" \
+       >"$work/log" 2>&1 && [ -s "$work/classes.jsa" ]; then
+    mv "$work/classes.jsa" "$archive.$$" && mv "$archive.$$" "$archive"
+  else
+    log "no class archive (jobs start slower; see the dump's log below)"; tail -5 "$work/log" >&2
+  fi
+  rm -rf "$work"
+fi
+if [ -f "$archive" ]; then ln -sfn "jvm-classes/$cds_key.jsa" .cache/jvm-classes.jsa; else rm -f .cache/jvm-classes.jsa; fi
 
 # --- 4. system packages -------------------------------------------------------
 # PostgreSQL's server (scripts/postgres.sh) from the OS packages; with

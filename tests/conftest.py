@@ -57,10 +57,12 @@ def spark(tmp_path_factory, package_zip):
                .config("spark.jars", ",".join(jars))
                .config("spark.submit.pyFiles", package_zip)
                .config("spark.sql.warehouse.dir", str(tmp / "warehouse"))
-               .config("spark.driver.extraJavaOptions", f"-Dderby.system.home={tmp}")
                .config("spark.ui.enabled", "false")
                .config("spark.driver.memory", "2g"))
-    for key, value in {**session.DELTA_CONF, **config.load("local").spark.conf}.items():
+    conf = {**session.DELTA_CONF, **config.load("local").spark.conf}
+    builder = builder.config(session.DRIVER_JAVA_OPTIONS, session.driver_java_options(
+        conf.pop(session.DRIVER_JAVA_OPTIONS, ""), session.java_word(f"-Dderby.system.home={tmp}")))
+    for key, value in conf.items():
         builder = builder.config(key, value)
     spark = builder.config("spark.sql.shuffle.partitions", "2").getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")

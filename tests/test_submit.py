@@ -92,6 +92,62 @@ def test_java_options_with_spaces_or_quotes_stay_one_word():
     # run for real: tests/test_scoring.py submits one of its concurrent jobs from a checkout under "my projects/"
 
 
+def _driver_options(cmd: list[str]) -> str:
+    assert not any(a.startswith(session.DRIVER_JAVA_OPTIONS + "=") for a in cmd)  # one place only
+    return cmd[cmd.index("--driver-java-options") + 1]
+
+
+def test_configured_driver_options_join_oncolakes_and_come_last(monkeypatch, tmp_path):
+    monkeypatch.setattr(session, "CLASS_ARCHIVE", tmp_path / "none.jsa")
+    ours = "-Dderby.system.home=" + str(ROOT / "var")
+    plain = _driver_options(submit.command("ingest", [], "/z", "/p", {}))
+    assert plain.startswith("-Dlog4j2.configurationFile=") and plain.endswith(ours)
+    for env in ("local", "cluster"):
+        given = _driver_options(submit.command(
+            "ingest", ["--env", env, "--set", "spark.conf.spark.driver.extraJavaOptions=-Xss4m -XX:+UseSerialGC"],
+            "/z", "/p", {}))
+        assert given.endswith(ours + " -Xss4m -XX:+UseSerialGC")  # not dropped, as spark-submit would
+
+
+def test_the_class_archive_is_mapped_when_set_up_made_one(monkeypatch, tmp_path):
+    archive = tmp_path / "a b" / "classes.jsa"  # a space: still one word
+    monkeypatch.setattr(session, "CLASS_ARCHIVE", archive)
+    assert session.driver_java_options("-Xss4m", "-Da=b") == "-Da=b -Xss4m"
+    archive.parent.mkdir()
+    archive.write_bytes(b"x")
+    assert session.driver_java_options("-Xss4m", "-Da=b") == (
+        f'-Da=b "-XX:SharedArchiveFile={archive}" -Xlog:disable -Xlog:all=warning:stderr -Xss4m')
+    # dumping a new archive (scripts/setup.sh) never maps the old one
+    assert session.driver_java_options("-XX:ArchiveClassesAtExit=/t/new.jsa") == "-XX:ArchiveClassesAtExit=/t/new.jsa"
+
+
+@pytest.mark.slow
+def test_a_job_s_jvm_loads_spark_and_delta_from_the_class_archive(tmp_path):
+    """scripts/setup.sh dumped the archive; a real job's driver maps Spark's and Delta's classes from it."""
+    if not session.CLASS_ARCHIVE.is_file():
+        pytest.fail("no class archive at .cache/jvm-classes.jsa: scripts/setup.sh makes it")
+    (tmp_path / "in").mkdir()
+    loads = tmp_path / "loads.log"
+    done = subprocess.run(
+        [str(ROOT / "scripts" / "submit.sh"), "ingest", "--lake", str(tmp_path / "lake"), "--dataset", "d",
+         "--input", str(tmp_path / "in"),
+         "--set", f"spark.conf.spark.driver.extraJavaOptions=-Xlog:class+load=info:file={loads}"],
+        capture_output=True, text=True, env=_env(), timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["files_seen"] == 0  # stdout still ends with the summary
+    source = {}
+    for line in loads.read_text().splitlines():  # "[...] org.x.Y source: shared objects file (top)"
+        parts = line.split("] ", 1)[-1].split(" source: ", 1)
+        if len(parts) == 2:
+            source[parts[0]] = parts[1]
+    assert source["org.apache.spark.SparkContext"] == "shared objects file (top)"
+    assert source["org.apache.spark.sql.delta.DeltaLog"] == "shared objects file (top)"  # a --jars class too
+    # of the classes read from a jar or the JDK's image, not generated at run time
+    mapped = sum(s.startswith("shared objects file") for s in source.values())
+    read = sum(s.startswith(("file:", "jar:", "jrt:")) for s in source.values())
+    assert mapped > 0.9 * (mapped + read), f"{read} classes read, only {mapped} mapped from an archive"
+
+
 def test_run_bench_prints_the_figures_and_removes_its_scratch_folder(spark, capsys):
     from oncolake import cli
     args = cli.parser("bench-x", None).parse_args([])

@@ -23,6 +23,12 @@ DELTA_CONF = {
 }
 #: oncolake's own JVM classes, compiled by scripts/setup.sh from lib/jvm.
 OWN_JAR = Path(__file__).resolve().parents[2] / ".cache" / "oncolake-jvm" / "oncolake-jvm.jar"
+#: The classes a job's JVM loads, dumped once by scripts/setup.sh (class data
+#: sharing, keyed by the JDK and the pins): later JVMs map them instead of
+#: loading and verifying them again. The JVM ignores a missing or stale archive.
+CLASS_ARCHIVE = Path(__file__).resolve().parents[2] / ".cache" / "jvm-classes.jsa"
+#: Spark's key for the driver JVM's options; spark-submit takes them as one string.
+DRIVER_JAVA_OPTIONS = "spark.driver.extraJavaOptions"
 _owned: set[int] = set()
 
 
@@ -41,6 +47,32 @@ def jars(group: str = "spark") -> list[str]:
     if not folder.is_dir() or (group == "spark" and not OWN_JAR.is_file()):
         return []
     return sorted(str(p) for p in folder.glob("*.jar")) + ([str(OWN_JAR)] if group == "spark" else [])
+
+
+def java_word(option: str) -> str:
+    """``option`` as one word of a JVM options string (``--driver-java-options``,
+    ``spark.driver.extraJavaOptions``).
+
+    Spark splits that string on spaces unless they are quoted, so a checkout
+    under a folder with a space in its name would hand the JVM a stray
+    argument; double quotes (backslash-escaped inside) keep it whole.
+    """
+    if not any(c in option for c in " \t\"'\\"):
+        return option
+    return '"' + option.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def driver_java_options(configured: str, *own: str) -> str:
+    """The driver JVM's options: ``own`` words, the class archive if set-up
+    made one (the JVM's own warnings then go to stderr: stdout ends with the
+    job's JSON line), then the configured ``spark.driver.extraJavaOptions`` as
+    written, last so that they win (``-XX:SharedArchiveFile=`` another archive,
+    ``-Xshare:off``).
+    """
+    options = list(own)
+    if CLASS_ARCHIVE.is_file() and "ArchiveClassesAtExit" not in configured:
+        options += [java_word(f"-XX:SharedArchiveFile={CLASS_ARCHIVE}"), "-Xlog:disable", "-Xlog:all=warning:stderr"]
+    return " ".join(options + ([configured.strip()] if configured.strip() else []))
 
 
 def build(app: str, cfg: Config) -> SparkSession:

@@ -54,6 +54,9 @@ def command(job: str, args: Sequence[str], zip_path: str, python: str,
     jars = session.jars("spark")
     if not jars:
         raise ConfigError(f"no jars in {session.jar_dir('spark')}: run scripts/setup.sh first")
+    # the configured driver options join oncolake's in --driver-java-options, which
+    # spark-submit would otherwise let win over --conf spark.driver.extraJavaOptions
+    conf = {**session.DELTA_CONF, **cfg.spark.conf}
     cmd = [str(Path(python).parent / "spark-submit"),
            "--master", known.master or cfg.spark.master,
            "--name", f"oncolake-{job}",
@@ -64,10 +67,11 @@ def command(job: str, args: Sequence[str], zip_path: str, python: str,
            # an embedded Derby metastore in var/ unless the configuration names a shared one
            "--conf", "spark.sql.catalogImplementation=hive",
            "--conf", f"spark.sql.warehouse.dir={ROOT / 'var' / 'warehouse'}",
-           "--driver-java-options", " ".join([
+           "--driver-java-options", session.driver_java_options(
+               conf.pop(session.DRIVER_JAVA_OPTIONS, ""),
                java_option("log4j2.configurationFile", (ROOT / "conf" / "log4j2.properties").as_uri()),
-               java_option("derby.system.home", str(ROOT / "var"))])]
-    for key, value in {**session.DELTA_CONF, **cfg.spark.conf}.items():
+               java_option("derby.system.home", str(ROOT / "var")))]
+    for key, value in conf.items():
         cmd += ["--conf", f"{key}={value}"]
     if script is None:
         if rest:
@@ -85,16 +89,8 @@ def command(job: str, args: Sequence[str], zip_path: str, python: str,
 
 
 def java_option(name: str, value: str) -> str:
-    """``-Dname=value`` as one word of spark-submit's ``--driver-java-options``.
-
-    Spark's launcher splits that string on spaces unless they are quoted, so
-    a checkout under a folder with a space in its name would hand the JVM a
-    stray argument; double quotes (backslash-escaped inside) keep it whole.
-    """
-    option = f"-D{name}={value}"
-    if not any(c in option for c in " \t\"'\\"):
-        return option
-    return '"' + option.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """``-Dname=value`` as one word of spark-submit's ``--driver-java-options`` (:func:`session.java_word`)."""
+    return session.java_word(f"-D{name}={value}")
 
 
 #: Jobs that must see the scheduler's SIGTERM themselves (a continuous stream
