@@ -23,9 +23,10 @@ DELTA_CONF = {
 }
 #: oncolake's own JVM classes, compiled by scripts/setup.sh from lib/jvm.
 OWN_JAR = Path(__file__).resolve().parents[2] / ".cache" / "oncolake-jvm" / "oncolake-jvm.jar"
-#: The classes a job's JVM loads, dumped once by scripts/setup.sh (class data
-#: sharing, keyed by the JDK and the pins): later JVMs map them instead of
-#: loading and verifying them again. The JVM ignores a missing or stale archive.
+#: The classes a job's JVM loads, dumped by scripts/setup.sh (class data
+#: sharing; one per clone, since it holds only for this class path): later
+#: JVMs map them instead of loading and verifying them again. The JVM ignores
+#: a missing or stale archive.
 CLASS_ARCHIVE = Path(__file__).resolve().parents[2] / ".cache" / "jvm-classes.jsa"
 #: Spark's key for the driver JVM's options; spark-submit takes them as one string.
 DRIVER_JAVA_OPTIONS = "spark.driver.extraJavaOptions"
