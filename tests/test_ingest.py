@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import os
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +15,7 @@ import pytest
 from PIL import Image
 
 from jobs import ingest as ingest_job
-from oncolake import lake
+from oncolake import config, ingest, lake
 from tests import hostile
 from tests.conftest import ROOT, last_json, shared_dataset
 from tests.test_imaging import encode, rgb_image
@@ -190,6 +193,45 @@ def test_corrected_label_updates_the_row_and_new_images_append(spark, lake, caps
                     "img2.png": ("malignant", "2026-02-01", "L1"), "img3.png": (None, "2026-02-02", None)}
     partitions = {r.ingest_date.isoformat() for r in table.select("ingest_date").distinct().collect()}
     assert partitions == {"2026-02-01", "2026-02-02"}
+
+
+def test_each_file_is_read_once_so_a_file_rewritten_before_the_merge_is_stored_as_validated(
+        spark, lake, tmp_path, monkeypatch):
+    """The bytes validated and hashed are the bytes stored: nothing goes back to the files for the MERGE."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    originals = {f"img{i}.png": encode(rgb_image(24, 24, seed=60 + i), ".png") for i in range(4)}
+    for name, data in originals.items():
+        (folder / name).write_bytes(data)
+    meeting = tmp_path / "barrier"
+    monkeypatch.setenv("ONCOLAKE_BARRIER", f"ingest.merge:2:{meeting}")  # the job waits there for this test
+    result = {}
+
+    def ingest_once():  # the library call: a job's main in another thread would stop the shared session
+        cfg = dataclasses.replace(config.load("local"), lake=lake)
+        try:
+            result["summary"] = ingest.run(spark, cfg, dataset="once", source=str(folder))
+        except Exception as err:  # reported by the assertion below
+            result["error"] = err
+    worker = threading.Thread(target=ingest_once)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 300
+        while not (meeting.is_dir() and any(meeting.iterdir())):  # validated, and about to insert
+            assert worker.is_alive() and time.monotonic() < deadline, "ingest never reached its MERGE"
+            time.sleep(0.05)
+        (folder / "img0.png").write_bytes(originals["img0.png"][:20])  # truncated now
+        (folder / "img1.png").write_bytes(encode(rgb_image(24, 24, seed=99), ".png"))  # another picture now
+    finally:
+        meeting.mkdir(exist_ok=True)
+        (meeting / "test").touch()  # the second arrival: the job goes on
+        worker.join(600)
+    assert "summary" in result, result.get("error", "ingest did not finish")
+    summary = result["summary"]
+    assert (summary["valid"], summary["ingested"], summary["quarantined"]) == (4, 4, 0)
+    stored = {r.relative_path: (bytes(r.content), r.image_id)
+              for r in spark.read.format("delta").load(summary["table"]).filter("dataset = 'once'").collect()}
+    assert stored == {name: (data, sha(data)) for name, data in originals.items()}
 
 
 @pytest.mark.parametrize("case,expected_code,message", [

@@ -1,7 +1,9 @@
 """Ingest: a folder of raw images becomes rows of the bronze Delta table.
 
-Executors read and fully validate every candidate file (:func:`imaging.inspect`);
-the driver only sees file names, sizes and counts. Good images are merged into
+Executors read and fully validate every candidate file (:func:`imaging.inspect`),
+in one pass over its bytes: the bytes that were validated and hashed are the
+bytes stored, and no file is read twice. The driver only sees file names,
+sizes and counts. Good images are merged into
 ``bronze.images`` on (dataset, image_id = SHA-256 of the bytes); bad files go to
 ``bronze.quarantine`` with a reason. A table is only committed to when there is
 something new, so a re-run on the same input leaves every table version as it was.
@@ -18,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-import functools
 import hashlib
 import logging
 import os
@@ -85,7 +86,7 @@ def run(spark: SparkSession, cfg: Config, dataset: str, source: str,
         files.persist(StorageLevel.MEMORY_AND_DISK)
     try:
         with _step("classify"):
-            stats, odd = _file_counts(files)
+            stats, odd, largest = _file_counts(files)
             indexed = len(reader._jdf.inputFiles())  # one call to the JVM, not one per file
             if sum(stats.values()) - len(dead) != indexed:
                 # Spark's scan leaves zero-length files out; only the file index has them.
@@ -93,7 +94,7 @@ def run(spark: SparkSession, cfg: Config, dataset: str, source: str,
                 listing = _outside(_with_empty_files(spark, reader, listing, root), linked)  # dead links kept
                 files = _classify(listing, label_rows, icfg.extensions, icfg.max_file_bytes)
                 files.persist(StorageLevel.MEMORY_AND_DISK)
-                stats, odd = _file_counts(files)
+                stats, odd, largest = _file_counts(files)
             odd_rows = (files.filter("status = 'read' AND NOT has_image_ext").select("path", "in_csv").collect()
                         if odd else [])
             odd_paths = [r["path"] for r in odd_rows]
@@ -105,7 +106,7 @@ def run(spark: SparkSession, cfg: Config, dataset: str, source: str,
             _read_content(spark, root, icfg.extensions, icfg.max_file_bytes, odd_paths), root), linked
         ).drop("relative_path")
         landed = land(spark, cfg, files, content, dataset=dataset, now=now, day=day, modality=modality,
-                      key=key, batch_rows=_batch_rows(files, icfg.batch_mb), named=named,
+                      key=key, batch_rows=lake.arrow_batch_rows(largest, icfg.batch_mb), named=named,
                       broadcast=sum(stats.values()) <= BROADCAST_FILES)
         kinds, merged, reasons = landed.kinds, landed.merged, landed.reasons
         skipped_by_content = landed.skipped_by_content
@@ -188,17 +189,23 @@ def land(spark: SparkSession, cfg: Config, files: DataFrame, content: DataFrame,
     try:
         with _step("read and validate"), lake.spark_conf(spark, batch):
             # Decoding is the expensive step: once. What comes back is the
-            # verdict, and for a good DICOM its de-identified file (made in the
-            # same pass, so the original crosses to Python once).
+            # verdict and, for a good image, the bytes to store: the file's
+            # own (the very bytes validated and hashed), or a DICOM's
+            # de-identified file, made in the same pass. The files are read
+            # once; nothing later goes back to them.
             inspected = content.mapInPandas(
                 partial(_inspect_batches, max_pixels=icfg.max_pixels, min_side=icfg.min_side, key=key,
                         pattern=dcfg.patient_id_pattern, accept_burned_in=dcfg.accept_burned_in, named=named,
                         any_name=any_name, timeout_s=icfg.decode_timeout_s),
-                schema.INSPECTION).persist(StorageLevel.DISK_ONLY)  # de-identified files: never on the heap
-            # Everything but the DICOM rows reads the small verdicts only.
-            checked = inspected.drop("deidentified").persist(StorageLevel.MEMORY_AND_DISK)
-            kinds = {(r["format"], r["reason"]): r["count"]
-                     for r in checked.groupBy("format", "reason").count().collect()}
+                schema.INSPECTION).persist(StorageLevel.DISK_ONLY)  # image bytes: never on the heap
+            # Everything but the MERGE's write reads the small verdicts only.
+            checked = inspected.drop("content").persist(StorageLevel.MEMORY_AND_DISK)
+            kinds, modalities = {}, {}
+            for r in checked.groupBy("format", "reason", F.coalesce("modality", F.lit(modality)).alias("modality")
+                                     ).count().collect():
+                kinds[r["format"], r["reason"]] = kinds.get((r["format"], r["reason"]), 0) + r["count"]
+                if r["reason"] is None:
+                    modalities[r["modality"]] = modalities.get(r["modality"], 0) + r["count"]
         if kinds.get(("dicom", "no_key")):
             dicom_deid.load_key("")  # raises the one clear error, before any table is touched
         skipped_by_content = {reason: n for (_, reason), n in kinds.items() if reason in dicom_read.SKIPPED}
@@ -206,21 +213,12 @@ def land(spark: SparkSession, cfg: Config, files: DataFrame, content: DataFrame,
         # Broadcast file metadata to the image bytes unless the listing is huge.
         chosen = _chosen_images(checked, files).persist(StorageLevel.MEMORY_AND_DISK)
         hint = F.broadcast if broadcast else (lambda frame: frame)
-        columns = _bronze_columns(dataset, now, day, modality)
-        valid_formats = {fmt for fmt, reason in kinds if reason is None}
-        parts = []
-        if valid_formats - {"dicom"} or not valid_formats:
-            # The bytes are read again by the JVM alone (no Python, no
-            # decoding) and must still hash to what was validated; a file
-            # changed in between waits for the next run.
-            parts.append(content.join(hint(chosen.filter(F.col("format") != "dicom")), "path")
-                         .filter(F.sha2("content", 256) == F.col("image_id")).select(*columns))
-        if "dicom" in valid_formats:
-            dicom_chosen = chosen.filter(F.col("format") == "dicom")
-            deidentified = (inspected.filter((F.col("format") == "dicom") & F.col("reason").isNull())
-                            .select("path", "image_id", F.col("deidentified").alias("content")))
-            parts.append(deidentified.join(hint(dicom_chosen), ["path", "image_id"]).select(*columns))
-        good = functools.reduce(DataFrame.unionByName, parts)
+        # On (path, image_id): should Spark recompute a lost partition of
+        # `inspected` from a file changed since, its new bytes no longer match
+        # the verdict and are left for the next run rather than stored under it.
+        good = (inspected.filter(F.col("reason").isNull()).select("path", "image_id", "content")
+                .join(hint(chosen), ["path", "image_id"])
+                .select(*_bronze_columns(dataset, now, day, modality)))
         bad = _quarantine_rows(checked, files, dataset, now, day).persist(StorageLevel.MEMORY_AND_DISK)
         with _step("merge images"), lake.spark_conf(spark, batch), lake.own_commits(spark):
             bronze = lake.ensure_delta_table(spark, bronze_uri, schema.BRONZE_IMAGES,
@@ -238,9 +236,7 @@ def land(spark: SparkSession, cfg: Config, files: DataFrame, content: DataFrame,
                                     schema.BRONZE_QUARANTINE_PARTITIONS)
             reasons = {r["reason"]: r["count"] for r in bad.groupBy("reason").count().collect()}
             quarantine_added = (_merge_quarantine(spark, quarantine_uri, bad, dataset, txn) if reasons else 0)
-        modalities = {r["modality"]: r["count"] for r in checked.filter(F.col("reason").isNull())
-                      .groupBy(F.coalesce("modality", F.lit(modality)).alias("modality")).count().collect()}
-        conflicts = chosen.filter("label_conflict").count()
+        conflicts = merged["label_conflicts"]
         if conflicts:
             log.warning("%d images are filed under different labels (the same bytes); kept unlabelled", conflicts)
         return Landed(kinds, merged, reasons, quarantine_added, dict(sorted(modalities.items())),
@@ -325,13 +321,16 @@ def _with_relative_path(listing: DataFrame, root: str) -> DataFrame:
     return listing.withColumn("relative_path", F.expr(f"substring(path, {len(root) + 2})"))
 
 
-def _file_counts(files: DataFrame) -> tuple[dict[str, int], int]:
-    """Files per status, and how many are read without an image extension (the CSV names them)."""
-    stats, odd = {}, 0
-    for r in files.groupBy("status", "has_image_ext").count().collect():
+def _file_counts(files: DataFrame) -> tuple[dict[str, int], int, int]:
+    """Files per status, how many are read without an image extension (the CSV names them),
+    and the size of the largest file read (one Spark job for the three)."""
+    stats, odd, largest = {}, 0, 0
+    for r in files.groupBy("status", "has_image_ext").agg(F.count("*").alias("count"),
+                                                          F.max("length").alias("largest")).collect():
         stats[r["status"]] = stats.get(r["status"], 0) + r["count"]
         odd += r["count"] if r["status"] == "read" and not r["has_image_ext"] else 0
-    return stats, odd
+        largest = max(largest, r["largest"] or 0) if r["status"] == "read" else largest
+    return stats, odd, largest
 
 
 def _with_empty_files(spark: SparkSession, reader: DataFrame, scanned: DataFrame, root: str) -> DataFrame:
@@ -396,8 +395,12 @@ def _read_labels(spark: SparkSession, uri: str, group_columns: tuple[str, ...]) 
         F.min_by("attributes", F.struct(F.col("label").isNull(), "label", "group_id")).alias("attributes"))
         .withColumn("label", F.when(F.col("labels") <= 1, F.col("label"))))
     try:
-        refused = rows.agg(F.sum(escapes.cast("int"))).first()[0] or 0
-        n_conflicted = per_path.filter(F.col("labels") > 1).count()
+        # both counts in one Spark job: rows refused, and kept paths with two or more labels
+        tally = (rows.groupBy("relative_path", escapes.alias("refused"))
+                 .agg(F.count("*").alias("rows"), F.countDistinct("label").alias("labels"))
+                 .agg(F.sum(F.when(F.col("refused"), F.col("rows"))).alias("refused"),
+                      F.count(F.when(~F.col("refused") & (F.col("labels") > 1), 1)).alias("conflicted")).first())
+        refused, n_conflicted = tally["refused"] or 0, tally["conflicted"]
     except Exception as err:
         raise InputError(f"labels CSV {uri} cannot be read: {str(err).splitlines()[0][:200]}") from err
     if refused:
@@ -479,12 +482,6 @@ def _glob(extensions: tuple[str, ...]) -> str:
     return "*.{" + ",".join(fold(e) for e in extensions) + "}"
 
 
-def _batch_rows(files: DataFrame, batch_mb: int) -> int:
-    """Arrow batch rows so that a batch of the largest files here is about ``batch_mb``."""
-    largest = files.filter(F.col("status") == "read").agg(F.max("length")).first()[0] or 1
-    return max(1, min(256, (batch_mb << 20) // largest))
-
-
 def _inspect_batches(batches: Iterator[pd.DataFrame], max_pixels: int, min_side: int,
                      key: bytes | None = None, pattern: str = "", accept_burned_in: bool = False,
                      named: frozenset[str] = frozenset(), any_name: bool = False,
@@ -509,7 +506,10 @@ def _inspect_batches(batches: Iterator[pd.DataFrame], max_pixels: int, min_side:
             for path, data in zip(batch["path"], batch["content"]):
                 data = bytes(data)
                 try:
-                    rows.append(isolated(path, data))
+                    row = isolated(path, data)
+                    if row.get("reason") is None and row.get("format") != "dicom":
+                        row["content"] = data  # stored as validated: never read twice
+                    rows.append(row)
                 except isolation.Overrun as err:
                     log.warning("%s: %s", path, err.detail)
                     dicom = dicom_read.is_dicom(data)
@@ -560,7 +560,7 @@ def _inspect_dicom(data: bytes, max_pixels: int, min_side: int, pseudonyms, deid
     return {
         "image_id": image_id, "format": "dicom", "width": facts.width, "height": facts.height,
         "channels": facts.samples, "bit_depth": facts.bits_stored,
-        "patient": patient, "modality": facts.modality, "deidentified": deidentified,
+        "patient": patient, "modality": facts.modality, "content": deidentified,
         "dicom_body_part": facts.body_part, "dicom_laterality": facts.laterality,
         "dicom_view_position": facts.view_position, "dicom_manufacturer": facts.manufacturer,
         "dicom_photometric": facts.photometric, "dicom_bits_stored": facts.bits_stored,
@@ -650,20 +650,24 @@ def _merge_images(spark: SparkSession, bronze, chosen: DataFrame, rows: DataFram
     What is new or changed is worked out from the (small) metadata; new rows
     go in with an insert-only MERGE (one anti-join pass in Delta, and safe
     against a concurrent ingest of the same files); the update MERGE runs only
-    for the rows whose label, group or attributes changed.
+    for the rows whose label, group or attributes changed. Returns the counts (inserted, updated,
+    already_present, distinct, and label_conflicts: images whose copies carry different labels).
     """
     target = (bronze.toDF().filter(F.col("dataset") == dataset)
               .select("image_id", F.col("label").alias("t_label"), F.col("group_id").alias("t_group"),
                       _attributes_key("attributes").alias("t_attrs")))
-    keyed = chosen.select("image_id", "label", "group_id", _attributes_key("attributes").alias("attrs"))
+    keyed = chosen.select("image_id", "label", "group_id", _attributes_key("attributes").alias("attrs"),
+                          "label_conflict")
     same = (F.col("label").eqNullSafe(F.col("t_label")) & F.col("group_id").eqNullSafe(F.col("t_group"))
             & F.col("attrs").eqNullSafe(F.col("t_attrs")))
     flagged = keyed.join(target, "image_id", "left").select(
         "image_id", F.col("t_attrs").isNotNull().alias("present"),
-        (F.col("t_attrs").isNotNull() & ~same).alias("changed")).persist(StorageLevel.MEMORY_AND_DISK)
+        (F.col("t_attrs").isNotNull() & ~same).alias("changed"), "label_conflict"
+    ).persist(StorageLevel.MEMORY_AND_DISK)
     try:
         tally = flagged.agg(F.count("*").alias("distinct"), F.sum(F.col("present").cast("int")).alias("present"),
-                            F.sum(F.col("changed").cast("int")).alias("changed")).first()
+                            F.sum(F.col("changed").cast("int")).alias("changed"),
+                            F.sum(F.col("label_conflict").cast("int")).alias("label_conflicts")).first()
         distinct, present, changed = tally["distinct"], tally["present"] or 0, tally["changed"] or 0
         on = f"t.dataset = {lake.sql_string(dataset)} AND t.dataset = s.dataset AND t.image_id = s.image_id"
         inserted = updated = 0
@@ -682,7 +686,8 @@ def _merge_images(spark: SparkSession, bronze, chosen: DataFrame, rows: DataFram
         if distinct - present or changed:
             metrics = lake.commit_metrics(bronze, before, "numTargetRowsInserted", "numTargetRowsUpdated")
             inserted, updated = metrics["numTargetRowsInserted"], metrics["numTargetRowsUpdated"]
-        return {"inserted": inserted, "updated": updated, "already_present": present, "distinct": distinct}
+        return {"inserted": inserted, "updated": updated, "already_present": present, "distinct": distinct,
+                "label_conflicts": tally["label_conflicts"] or 0}
     finally:
         flagged.unpersist()
 

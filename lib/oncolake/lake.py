@@ -427,6 +427,12 @@ def append(df: DataFrame, uri: str, partition_by: tuple[str, ...] = ()) -> None:
                f"append to {uri}")
 
 
+def arrow_batch_rows(largest: int, batch_mb: int, most: int = 256) -> int:
+    """Rows per Arrow batch (at most ``most``) so that a batch of the largest images, ``largest``
+    bytes each, is about ``batch_mb``: a few mammograms, hundreds of dermoscopy JPEGs."""
+    return max(1, min(most, (batch_mb << 20) // max(1, largest or 1)))
+
+
 @contextlib.contextmanager
 def spark_conf(spark: SparkSession, settings: dict[str, str]) -> Iterator[None]:
     """Set session conf for the duration of a block, then restore what was there."""

@@ -148,7 +148,7 @@ def _run(spark, cfg, dataset, lake_uri, source_version, labelled) -> dict[str, A
         with _step("decode, balance and write"):
             # Arrow batches of about ingest.batch_mb of stored images (a few
             # mammograms, hundreds of dermoscopy JPEGs) bound a worker's memory.
-            batch_rows = max(1, min(256, (cfg.ingest.batch_mb << 20) // max(largest, 1)))
+            batch_rows = lake.arrow_batch_rows(largest, cfg.ingest.batch_mb)
             with lake.spark_conf(spark, {"spark.sql.execution.arrow.maxRecordsPerBatch": str(batch_rows)}):
                 tally = _write_tensors(spark, tmp, images.join(F.broadcast(assignment), "group_key")
                                        .withColumn("copies", copies), pcfg, expected, dataset, cfg.hdfs,

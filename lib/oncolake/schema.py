@@ -75,7 +75,9 @@ INSPECTION = StructType([
     StructField("patient", StringType(), True),
     StructField("modality", StringType(), True),
     *[StructField(f"dicom_{f.name}", f.dataType, True) for f in DICOM_FACTS.fields],
-    StructField("deidentified", BinaryType(), True),  # a good DICOM's de-identified file
+    # the bytes a good image is stored with: the file's own, or a DICOM's
+    # de-identified file (null for every other verdict)
+    StructField("content", BinaryType(), True),
 ])
 
 #: gold.predictions: one row per image per model version.

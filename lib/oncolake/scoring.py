@@ -111,8 +111,8 @@ def run(spark: SparkSession, cfg: Config, dataset: str, model_version: int | Non
           "AND t.model_version = s.model_version AND t.image_id = s.image_id AND t.ingest_date = s.ingest_date")
     # Image rows are large: a bounded Arrow batch keeps each Python worker's
     # memory small; a night of mammograms (10 MB each) gets a few per batch.
-    largest = images.filter(in_dates).agg(F.max("size_bytes")).first()[0] or 1
-    rows_per_batch = max(1, min(cfg.score.arrow_batch_rows, (cfg.ingest.batch_mb << 20) // largest))
+    largest = images.filter(in_dates).agg(F.max("size_bytes")).first()[0]
+    rows_per_batch = lake.arrow_batch_rows(largest, cfg.ingest.batch_mb, cfg.score.arrow_batch_rows)
     with lake.spark_conf(spark, {"spark.sql.execution.arrow.maxRecordsPerBatch": str(rows_per_batch)}), \
             lake.own_commits(spark):
         lake.with_retry(lambda: target.alias("t").merge(rows.alias("s"), on).whenNotMatchedInsertAll().execute(),

@@ -285,7 +285,7 @@ def _process(spark: SparkSession, cfg: Config, frame: DataFrame, batch_id: int, 
                  .withColumn("length", F.coalesce("length", F.lit(0).cast("long"))))
         files = ingest.with_size_status(files, cfg.ingest.max_file_bytes).persist(StorageLevel.MEMORY_AND_DISK)
         content = content_all.join(files.filter(F.col("status") == "read").select("path"), "path", "left_semi")
-        batch_rows = max(1, min(256, (cfg.ingest.batch_mb << 20) // largest))
+        batch_rows = lake.arrow_batch_rows(largest, cfg.ingest.batch_mb)
         stats = {"batch": batch_id, "records": sum(counts.values()), "ingested": 0, "already_present": 0,
                  "duplicates": 0, "quarantined": 0}
         for name in sorted(counts):
