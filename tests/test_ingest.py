@@ -218,7 +218,8 @@ def test_each_file_is_read_once_so_a_file_rewritten_before_the_merge_is_stored_a
     try:
         deadline = time.monotonic() + 300
         while not (meeting.is_dir() and any(meeting.iterdir())):  # validated, and about to insert
-            assert worker.is_alive() and time.monotonic() < deadline, "ingest never reached its MERGE"
+            assert worker.is_alive() and time.monotonic() < deadline, \
+                result.get("error", "ingest never reached its MERGE")
             time.sleep(0.05)
         (folder / "img0.png").write_bytes(originals["img0.png"][:20])  # truncated now
         (folder / "img1.png").write_bytes(encode(rgb_image(24, 24, seed=99), ".png"))  # another picture now

@@ -430,7 +430,7 @@ def append(df: DataFrame, uri: str, partition_by: tuple[str, ...] = ()) -> None:
 def arrow_batch_rows(largest: int, batch_mb: int, most: int = 256) -> int:
     """Rows per Arrow batch (at most ``most``) so that a batch of the largest images, ``largest``
     bytes each, is about ``batch_mb``: a few mammograms, hundreds of dermoscopy JPEGs."""
-    return max(1, min(most, (batch_mb << 20) // max(1, largest or 1)))
+    return max(1, min(most, (batch_mb << 20) // (largest or 1)))
 
 
 @contextlib.contextmanager
