@@ -290,3 +290,61 @@ def test_no_labels_or_one_class_exits_3(spark, tmp_path, capsys):
     code, _, err = run(preprocess_job, capsys, "--lake", lake, "--dataset", "one",
                        "--set", "preprocess.balance=smote")
     assert code == 2 and "preprocess.balance" in err
+
+
+def test_petastorm_metadata_lists_every_files_row_groups_and_its_schema(spark, tmp_path, capsys):
+    import pyarrow.parquet as pq
+    from petastorm import make_reader
+    from petastorm.etl import dataset_metadata
+    folder, lake = tmp_path / "in", str(tmp_path / "lake")
+    make_folder(folder, groups=40, per_group=2, seed=8)
+    ingest(capsys, lake, folder, "rg")
+    # row groups of about 4 tensors (Parquet cuts them by size): each file holds several
+    code, out, err = run(preprocess_job, capsys, "--lake", lake, "--dataset", "rg", "--size", "32",
+                         "--set", "preprocess.rows_per_row_group=4")
+    assert code == 0, err
+    root = Path(out["output"].removeprefix("file:"))
+    groups_seen = []
+    for split in preprocess.SPLITS:
+        folder_ = root / f"split={split}"
+        files = sorted(p.name for p in folder_.glob("*.parquet"))
+        footers = {name: pq.ParquetFile(folder_ / name).metadata.num_row_groups for name in files}
+        common = pq.read_metadata(folder_ / "_common_metadata").metadata
+        assert json.loads(common[dataset_metadata.ROW_GROUPS_PER_FILE_KEY]) == footers
+        groups_seen.extend(footers.values() if split == "train" else [])
+        assert [f.name for f in dataset_metadata.get_schema_from_dataset_url(f"file://{folder_}").fields.values()] \
+            == [f.name for f in preprocess.tensor_schema(32).fields.values()]
+        with make_reader(f"file://{folder_}", num_epochs=1, reader_pool_type="dummy") as reader:
+            assert sum(1 for _ in reader) == out[split]
+    assert len(list((root / "split=train").glob("*.parquet"))) >= preprocess.MIN_FILES
+    assert min(groups_seen) > 1, groups_seen  # every training file: several row groups
+
+
+def test_decode_tasks_are_bronzes_read_splits_when_enough_else_spread_by_image(spark, tmp_path, capsys):
+    folder, lake = tmp_path / "in", str(tmp_path / "lake")
+    make_folder(folder, groups=30, per_group=2, seed=9)
+    ingest(capsys, lake, folder, "tasks")
+    bronze = spark.read.format("delta").load(lakefs.table_uri(lakefs.qualify(spark, lake), "bronze.images"))
+    cores = spark.sparkContext.defaultParallelism
+    few = bronze.coalesce(1)
+    spread = preprocess._decode_input(spark, few, 60, 1000)
+    assert spread.rdd.getNumPartitions() == max(preprocess.MIN_FILES, cores)
+    many = bronze.repartition(8)
+    assert preprocess._decode_input(spark, many, 60, 1000) is many
+    # more than twice the planned tasks' tensor bytes each: spread out
+    tasks = preprocess._tasks(spark, 60, 40 * preprocess.TASK_BYTES)
+    assert preprocess._decode_input(spark, many, 60, 40 * preprocess.TASK_BYTES).rdd.getNumPartitions() == tasks
+    # and the tensors are the same either way: bronze read whole, or in splits of a few images each
+
+    def tensors():
+        code, out, err = run(preprocess_job, capsys, "--lake", lake, "--dataset", "tasks", "--size", "16")
+        assert code == 0, err
+        root = Path(out["output"].removeprefix("file:"))
+        rows = {(r.image_id, r.split, bytes(r.image)) for r in spark.read.parquet(str(root)).collect()}
+        shutil.rmtree(root.parent)  # the next run makes version 1 again
+        return rows
+    coarse = tensors()
+    with lakefs.spark_conf(spark, {"spark.sql.files.maxPartitionBytes": "4k", "spark.sql.files.openCostInBytes": "1"}):
+        assert bronze.filter("dataset = 'tasks'").rdd.getNumPartitions() >= max(preprocess.MIN_FILES, cores)
+        fine = tensors()
+    assert len(coarse) == 60 and fine == coarse

@@ -21,13 +21,12 @@ nothing readable.
 from __future__ import annotations
 
 import dataclasses
-import contextlib
 import datetime as dt
-import functools
 import io
 import json
 import logging
 import math
+import pickle
 import re
 from typing import Any, Iterator
 
@@ -52,6 +51,13 @@ MIN_FILES = 4
 #: Tensor bytes per decode task (and so per output file of the training split).
 TASK_BYTES = 64 * 2 ** 20
 _SUMS = ("s0", "s1", "s2", "q0", "q1", "q2")
+_NO_SUMS = (None,) * len(_SUMS)
+#: Parquet writer settings: no summary files (Petastorm's metadata is written
+#: after), and row groups cut by size from the third row on. Petastorm's
+#: materialize_dataset sets parquet.block.size.row.check.min for that, which
+#: parquet-mr 1.13 (Spark 3.5) no longer reads: it checks a row group's size
+#: only from the page-size check's minimum, 100 rows, on.
+_ROW_GROUPS = {"parquet.summary.metadata.level": "NONE", "parquet.page.size.row.check.min": "3"}
 _TENSORS = ("image_id string, label int, group_id string, split string, image binary, keep boolean, first boolean, "
             "s0 double, s1 double, s2 double, q0 double, q1 double, q2 double, error string")
 
@@ -130,18 +136,20 @@ def _run(spark, cfg, dataset, lake_uri, source_version, labelled) -> dict[str, A
 
     splits_uri = lake.table_uri(lake_uri, "silver.splits")
     images = labelled.filter(F.col("label").isNotNull())
-    # group -> split is small: kept, so the plan and the decode see one assignment.
+    # group -> split (and the group's images per label) is small: kept, so the
+    # plan, the decode and the lineage see one assignment.
     assignment = _assign_splits(images.drop("content"), _prior_assignments(
         spark, splits_uri, dataset, manifests, pcfg), pcfg).persist()
     version = (versions[-1] + 1) if versions else 1
     # Everything is built under _tmp-* (ignored by readers) and renamed into place.
     tmp = f"{lake.tensors_root(lake_uri, dataset)}/{lake.scratch_name(f'v{version}')}"
     try:
-        meta = images.drop("content").join(F.broadcast(assignment), "group_key")
+        split_of = F.broadcast(assignment.select("group_key", "split"))
+        meta = images.drop("content").join(split_of, "group_key")
         with _step("plan"):
             planned = {s: {"0": 0, "1": 0} for s in SPLITS}
-            for r in meta.groupBy("split", "label").count().collect():
-                planned[r["split"]][str(r["label"])] = r["count"]
+            for r in assignment.groupBy("split").agg(F.sum("images").alias("n"), F.sum("ones").alias("ones")).collect():
+                planned[r["split"]] = {"0": r["n"] - r["ones"], "1": r["ones"]}
             _check_filled(dataset, planned, pcfg.require_all_splits)
             copies, planned_after = _balance_plan(meta.filter(F.col("split") == "train"), planned["train"], pcfg)
         expected = sum(sum(planned[s].values()) for s in ("val", "test")) + sum(planned_after.values())
@@ -150,9 +158,8 @@ def _run(spark, cfg, dataset, lake_uri, source_version, labelled) -> dict[str, A
             # mammograms, hundreds of dermoscopy JPEGs) bound a worker's memory.
             batch_rows = lake.arrow_batch_rows(largest, cfg.ingest.batch_mb)
             with lake.spark_conf(spark, {"spark.sql.execution.arrow.maxRecordsPerBatch": str(batch_rows)}):
-                tally = _write_tensors(spark, tmp, images.join(F.broadcast(assignment), "group_key")
-                                       .withColumn("copies", copies), pcfg, expected, dataset, cfg.hdfs,
-                                       planned)
+                tally = _write_tensors(spark, tmp, images.join(split_of, "group_key")
+                                       .withColumn("copies", copies), pcfg, expected, dataset, cfg.hdfs)
         class_counts, failed = tally["class_counts"], tally["failed"]
         manifest = {
             "dataset": dataset, "version": version, "fingerprint": fingerprint,
@@ -233,15 +240,21 @@ def _prior_assignments(spark: SparkSession, splits_uri: str, dataset: str, manif
 
 
 def _assign_splits(images: DataFrame, prior: DataFrame | None, pcfg: PreprocessConfig) -> DataFrame:
-    """group_key -> split for every group: grouped, stratified, stable (see the module doc)."""
-    groups = (images.groupBy("group_key").agg(F.count("*").alias("images"), F.max("label").alias("stratum"))
+    """group_key -> split for every group: grouped, stratified, stable (see the module doc).
+
+    Each row also carries the group's images and how many are malignant
+    (``ones``), so the split's class counts need no second pass.
+    """
+    groups = (images.groupBy("group_key").agg(F.count("*").alias("images"), F.max("label").alias("stratum"),
+                                              F.sum("label").alias("ones"))
               .withColumn("order", F.xxhash64(F.lit(pcfg.seed), "group_key")))
     if prior is not None:
         groups = groups.join(prior, "group_key", "left")
     else:
         groups = groups.withColumn("prior", F.lit(None).cast("string"))
     fractions = dict(pcfg.split)
-    return groups.groupBy("stratum").applyInPandas(lambda pdf: _deal(pdf, fractions), "group_key string, split string")
+    return groups.groupBy("stratum").applyInPandas(lambda pdf: _deal(pdf, fractions),
+                                                  "group_key string, split string, images long, ones long")
 
 
 def _deal(groups: pd.DataFrame, fractions: dict[str, float]) -> pd.DataFrame:
@@ -258,8 +271,9 @@ def _deal(groups: pd.DataFrame, fractions: dict[str, float]) -> pd.DataFrame:
         counts[choice] += size
         picks.append(names[choice])
     return pd.concat([
-        pd.DataFrame({"group_key": kept["group_key"], "split": kept["prior"]}),
-        pd.DataFrame({"group_key": new["group_key"], "split": picks}),
+        pd.DataFrame({"group_key": kept["group_key"], "split": kept["prior"], "images": kept["images"],
+                      "ones": kept["ones"]}),
+        pd.DataFrame({"group_key": new["group_key"], "split": picks, "images": new["images"], "ones": new["ones"]}),
     ], ignore_index=True)
 
 
@@ -268,36 +282,46 @@ def _tensor_batches(batches: Iterator[pd.DataFrame], size: int, policy: str,
     """Executor side: bytes -> uint8 tensor (npy bytes, as Petastorm's NdarrayCodec stores it).
 
     An image comes out ``copies`` times (its balancing plan); the first row
-    carries its pixel sums and any decode error. An image planned out of the
-    training set (``copies`` 0) is still decoded for the statistics and comes
-    out once with ``keep`` false.
+    carries any decode error and, for a training image, its pixel sums. An
+    image planned out of the training set (``copies`` 0) is still decoded for
+    the statistics and comes out once with ``keep`` false.
     """
     import cv2
     cv2.setNumThreads(1)
-    columns = ["image_id", "label", "group_id", "split", "image", "keep", "first", *_SUMS, "error"]
+    names = ["image_id", "label", "group_id", "split"]
     for batch in batches:
-        rows = []
-        for image_id, label, group_id, split, content, copies in zip(
-                batch["image_id"], batch["label"], batch["group_id"], batch["split"], batch["content"],
-                batch["copies"]):
-            row = {"image_id": image_id, "label": label, "group_id": group_id, "split": split,
-                   "image": None, "keep": bool(copies > 0), "first": True, "error": None,
-                   **dict.fromkeys(_SUMS)}
+        index, images, keep, first, errors, sums = [], [], [], [], [], []
+
+        def emit(i: int, image: bytes | None, kept: bool, is_first: bool, error: str | None, pixels: tuple) -> None:
+            index.append(i)
+            images.append(image)
+            keep.append(kept)
+            first.append(is_first)
+            errors.append(error)
+            sums.append(pixels)
+        for i, (content, copies, split) in enumerate(zip(batch["content"], batch["copies"], batch["split"])):
+            copies = int(copies)
             try:
                 tensor = imaging.prepare(bytes(content), size, policy, **(options or {}))
             except (imaging.ImageError, cv2.error) as err:
-                rows.append({**row, "keep": False, "error": str(err)[:200]})
+                emit(i, None, False, True, str(err)[:200], _NO_SUMS)
                 continue
+            image = None
             if copies > 0:
                 buffer = io.BytesIO()
                 np.save(buffer, tensor)
-                row["image"] = buffer.getvalue()
-            pixels = tensor.reshape(-1, 3).astype(np.float64)
-            rows.append({**row, **{f"s{c}": float(pixels[:, c].sum()) for c in range(3)},
-                         **{f"q{c}": float((pixels[:, c] ** 2).sum()) for c in range(3)}})
-            rows.extend([{**row, "first": False}] * (int(copies) - 1))
-        out = pd.DataFrame(rows, columns=columns)
+                image = buffer.getvalue()
+            # float64 sums per channel (squares to about 1e-16 relative); only training images make the statistics
+            emit(i, image, copies > 0, True, None,
+                 (*cv2.sumElems(tensor)[:3], *(cv2.norm(p, cv2.NORM_L2SQR) for p in cv2.split(tensor)))
+                 if split == "train" else _NO_SUMS)
+            for _ in range(copies - 1):
+                emit(i, image, True, False, None, _NO_SUMS)
+        out = batch[names].iloc[index].reset_index(drop=True)
         out["label"] = out["label"].astype("int32")
+        out["image"], out["keep"], out["first"] = images, keep, first
+        out[list(_SUMS)] = pd.DataFrame(sums, columns=list(_SUMS), dtype="float64")
+        out["error"] = errors
         yield out
 
 
@@ -357,18 +381,34 @@ def _tasks(spark: SparkSession, rows: int, row_bytes: int) -> int:
     return math.ceil(tasks / cores) * cores
 
 
+def _decode_input(spark: SparkSession, planned: DataFrame, rows: int, row_bytes: int) -> DataFrame:
+    """The rows to decode, in tasks of at most about 2 x TASK_BYTES of tensors, at least MIN_FILES.
+
+    Bronze's own read splits (spark.sql.files.maxPartitionBytes of stored
+    images) are used when there are enough of them: shuffling every image's
+    bytes to even the tasks out cost 1.2-2 s of a 25 s run at 23,936 images
+    (docs/benchmarks.md). Too few of them (a small dataset; a few large
+    files) and the rows are spread by image id.
+    """
+    tasks = _tasks(spark, rows, row_bytes)
+    cores = max(spark.sparkContext.defaultParallelism, 1)
+    splits = planned.rdd.getNumPartitions()
+    if splits >= max(MIN_FILES, cores) and 2 * splits >= tasks:
+        return planned
+    return planned.repartition(tasks, "image_id")
+
+
 def _write_tensors(spark: SparkSession, tmp: str, planned: DataFrame, pcfg: PreprocessConfig, rows: int,
-                   dataset: str, hdfs: HdfsConfig, planned_counts: dict[str, dict[str, int]]) -> dict[str, Any]:
+                   dataset: str, hdfs: HdfsConfig) -> dict[str, Any]:
     """Decode, balance and write the three splits under ``tmp`` in one pass; returns the tally.
 
     The tally (rows written and images per split and label, decode failures,
     the training split's pixel sums) is observed on the rows as they go by,
     so nothing is read twice.
     """
-    from petastorm.etl.dataset_metadata import materialize_dataset
     row_bytes = pcfg.size ** 2 * 3 + 128  # an npy tensor and its row's other columns
-    tensors = (planned.select("image_id", "label", "group_id", "split", "content", "copies")
-               .repartition(_tasks(spark, rows, row_bytes), "image_id")
+    tensors = (_decode_input(spark, planned.select("image_id", "label", "group_id", "split", "content", "copies"),
+                             rows, row_bytes)
                .mapInPandas(lambda it: _tensor_batches(it, pcfg.size, pcfg.resize, pcfg.pixels()), _TENSORS))
     ok, train = F.col("error").isNull(), F.col("split") == "train"
 
@@ -385,26 +425,55 @@ def _write_tensors(spark: SparkSession, tmp: str, planned: DataFrame, pcfg: Prep
         *[F.sum(F.when(ok & F.col("first") & train, F.col(c))).alias(c) for c in _SUMS],
         # (a string: Observation hands arrays back as Java objects)
         F.concat_ws(" ", F.collect_list(F.when(~ok, F.col("image_id")))).alias("failed"))
-    group_mb = max(1, math.ceil(pcfg.rows_per_row_group * row_bytes / 2 ** 20))
-    schema = tensor_schema(pcfg.size)
-    with contextlib.ExitStack() as stack:
-        # Petastorm's metadata (schema, row groups per file) for each split's folder.
-        for split in (s for s in SPLITS if sum(planned_counts[s].values())):
-            url = f"{tmp}/split={split}"
-            factory = None if lake.is_local(url) else functools.partial(lake.petastorm_filesystem, url, hdfs)
-            stack.enter_context(materialize_dataset(spark, url, schema, row_group_size_mb=group_mb,
-                                                    filesystem_factory=factory))
-        (tensors.filter(ok & F.col("keep")).select("image_id", "label", "group_id", "split", "image")
-         .write.partitionBy("split").parquet(tmp))
-        seen = observation.get
-        tally = {"written": {s: {c: seen[f"rows_{s}_{c}"] for c in ("0", "1")} for s in SPLITS},
-                 "class_counts": {s: {c: seen[f"images_{s}_{c}"] for c in ("0", "1")} for s in SPLITS},
-                 "failed": (seen["failed"] or "").split()}
-        _check_filled(dataset, tally["written"], pcfg.require_all_splits)
+    (tensors.filter(ok & F.col("keep")).select("image_id", "label", "group_id", "split", "image")
+     .write.options(**_ROW_GROUPS, **{"parquet.block.size": str(pcfg.rows_per_row_group * row_bytes)})
+     .partitionBy("split").parquet(tmp))
+    seen = observation.get
+    tally = {"written": {s: {c: seen[f"rows_{s}_{c}"] for c in ("0", "1")} for s in SPLITS},
+             "class_counts": {s: {c: seen[f"images_{s}_{c}"] for c in ("0", "1")} for s in SPLITS},
+             "failed": (seen["failed"] or "").split()}
+    _check_filled(dataset, tally["written"], pcfg.require_all_splits)
+    _petastorm_metadata(spark, tmp, [s for s in SPLITS if sum(tally["written"][s].values())],
+                        tensor_schema(pcfg.size), hdfs)
     if tally["failed"]:
         log.warning("%d images of %s failed to decode and were left out", len(tally["failed"]), dataset)
     tally["normalisation"] = _normalisation(seen, sum(tally["class_counts"]["train"].values()), pcfg.size)
     return tally
+
+
+def _petastorm_metadata(spark: SparkSession, tmp: str, splits: list[str], unischema: Any,
+                        hdfs: HdfsConfig) -> None:
+    """What Petastorm's ``materialize_dataset`` leaves in each split's folder, for all splits at once.
+
+    Each folder's ``_common_metadata`` holds the pickled Unischema and the
+    number of row groups in each file, which Petastorm's readers plan from.
+    ``materialize_dataset`` counts them with a Spark job of one task per file
+    for each folder: three jobs, 2.3 s of a 25 s run at 23,936 images
+    (docs/benchmarks.md). Here one job, a task per core, reads every footer.
+    """
+    import pyarrow.parquet as pq
+    from petastorm.etl.dataset_metadata import ROW_GROUPS_PER_FILE_KEY, UNISCHEMA_KEY
+    files = [f"{tmp}/split={s}/{name}" for s in splits for name in lake.list_dir(spark, f"{tmp}/split={s}")
+             if name.endswith(".parquet")]
+
+    def row_groups(uri: str) -> tuple[str, int]:
+        fs, path = lake.python_fs(uri, hdfs)
+        with fs.open(path, "rb") as f:
+            return uri, pq.ParquetFile(f).metadata.num_row_groups
+    counts = dict(spark.sparkContext.parallelize(files, max(1, min(len(files), spark.sparkContext.defaultParallelism)))
+                  .map(row_groups).collect()) if files else {}
+    for split in splits:
+        folder = f"{tmp}/split={split}"
+        mine = {uri.rsplit("/", 1)[1]: n for uri, n in counts.items() if uri.rsplit("/", 1)[0] == folder}
+        if not mine:
+            raise DataQualityError(f"{folder} holds no Parquet files after the write")
+        fs, path = lake.python_fs(folder, hdfs)
+        with fs.open(f"{path}/{min(mine)}", "rb") as f:
+            arrow = pq.read_schema(f)
+        metadata = {**(arrow.metadata or {}), UNISCHEMA_KEY: pickle.dumps(unischema),
+                    ROW_GROUPS_PER_FILE_KEY: json.dumps(mine).encode()}
+        with fs.open(f"{path}/_common_metadata", "wb") as f:
+            pq.write_metadata(arrow.with_metadata(metadata), f)
 
 
 def _normalisation(sums: dict[str, Any], images: int, size: int) -> dict[str, Any]:
