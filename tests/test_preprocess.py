@@ -198,6 +198,8 @@ def test_balancing_touches_only_the_training_split(spark, tmp_path, capsys, meth
                              spark.read.parquet(str(root / "split=train")).dropDuplicates(["image_id"]).collect()])
     np.testing.assert_allclose(manifest["normalisation"]["mean"],
                                train_pixels.reshape(-1, 3).mean(axis=0), atol=0.01)
+    np.testing.assert_allclose(manifest["normalisation"]["std"],
+                               train_pixels.reshape(-1, 3).astype(np.float64).std(axis=0), atol=0.01)
 
 
 def test_a_run_killed_half_way_leaves_no_readable_version(spark, tmp_path, capsys, monkeypatch):
