@@ -151,6 +151,15 @@ def test_input_pipeline_feeds_every_training_image_in_uint8_batches(spark, tmp_p
         # each class weighs half of the whole: n / (2 n_class)
         assert weights["1"] == pytest.approx(len(labels) / (2 * positives), rel=1e-5)
         assert weights["0"] == pytest.approx(len(labels) / (2 * (len(labels) - positives)), rel=1e-5)
+        # with mixup the class weights travel as sample weights, mixed like the labels
+        cw = {0: weights["0"], 1: weights["1"]}
+        with training.training_batches({**spec, "class_weight": cw}, 0, 1, seed=1, cache_mb=cache_mb,
+                                       mixup=0.4) as batches:
+            for x, y, w in batches.take(6).as_numpy_iterator():
+                assert x.dtype == np.uint8 and x.shape == (8, 16, 16, 3)
+                assert np.all((y >= 0) & (y <= 1)) and np.all((w >= min(cw.values()) - 1e-6)
+                                                               & (w <= max(cw.values()) + 1e-6))
+                assert np.allclose(w, cw[0] + y * (cw[1] - cw[0]), atol=1e-5)  # both linear in the one share
 
 
 def _numbers(value):
@@ -200,6 +209,41 @@ def test_the_training_key_names_what_a_model_is_trained_from_and_not_how_fast():
               ("syn", 1, manifest, dataclasses.replace(tcfg, epochs=3), 2), ("syn", 1, manifest, tcfg, 1),
               ("other", 1, manifest, tcfg, 2)]
     assert len({training.training_key(*args) for args in others} | {key}) == len(others) + 1
+    # mixup and label smoothing, off, leave the keys of models trained before they existed
+    before = dataclasses.make_dataclass("TrainConfig", [
+        (f.name, f.type, dataclasses.field(default=f.default)) for f in dataclasses.fields(tcfg)
+        if f.name not in ("mixup", "label_smoothing")])()
+    assert training.training_key("syn", 1, manifest, before, 2) == key
+    on = {training.training_key("syn", 1, manifest, dataclasses.replace(tcfg, **change), 2)
+          for change in ({"mixup": 0.2}, {"label_smoothing": 0.1})}
+    assert len(on | {key}) == 3
+
+
+def test_mixup_mixes_each_image_label_and_class_weight_with_one_draw():
+    import tensorflow as tf
+    values = np.array([0, 40, 80, 120, 160, 200, 240, 250], np.float64)
+    labels = np.array([0, 1, 0, 0, 1, 1, 0, 1], np.float32)
+    images = np.stack([np.full((3, 3, 3), v, np.uint8) for v in values])
+    weights = {0: 0.6, 1: 2.5}
+    mixed, mixed_labels, sample_weights = (t.numpy() for t in training.mix_batch(
+        tf.constant(4, tf.int64), tf.constant(images), tf.constant(labels), alpha=0.4, seed=9,
+        class_weight=(weights[0], weights[1])))
+    assert mixed.dtype == np.uint8 and mixed.shape == images.shape
+    assert not np.array_equal(mixed, images)
+    shares = np.linspace(0, 1, 2001)
+    for i, (pixel, label, weight) in enumerate(zip(mixed[:, 0, 0, 0], mixed_labels, sample_weights)):
+        # image i with some partner j, one share lam in [0, 1] explaining all three at once
+        assert any(np.any((np.abs(shares * values[i] + (1 - shares) * values[j] - pixel) <= 0.5)
+                          & (np.abs(shares * labels[i] + (1 - shares) * labels[j] - label) < 1e-3)
+                          & (np.abs(shares * weights[labels[i]] + (1 - shares) * weights[labels[j]] - weight) < 1e-3))
+                   for j in range(len(values))), (i, pixel, label, weight)
+    # stateless: the same seed and step mix the same way; another step does not
+    again = training.mix_batch(tf.constant(4, tf.int64), tf.constant(images), tf.constant(labels), alpha=0.4,
+                               seed=9, class_weight=(0.6, 2.5))
+    assert np.array_equal(again[0].numpy(), mixed)
+    other = training.mix_batch(tf.constant(5, tf.int64), tf.constant(images), tf.constant(labels), alpha=0.4,
+                               seed=9, class_weight=(0.6, 2.5))
+    assert not np.array_equal(other[0].numpy(), mixed)
 
 
 @pytest.mark.slow
@@ -218,7 +262,8 @@ def test_horovod_two_ranks_train_one_epoch_with_identical_weights(spark, tmp_pat
     summary = submit("train", "--master", "local[2]", "--lake", lake, "--dataset", "syn", "--epochs", "3",
                      "--num-proc", "2", "--batch-size", "8", "--set", "train.filters=[4, 8]",
                      "--set", "train.dense_units=8", "--set", "train.min_steps_per_epoch=5",
-                     "--set", "train.patience=10", "--set", f"train.precision_cache={cache}")
+                     "--set", "train.patience=10", "--set", f"train.precision_cache={cache}",
+                     "--set", "train.mixup=0.2", "--set", "train.label_smoothing=0.05")
     assert (summary["num_proc"], summary["epochs_run"], summary["model_version"]) == (2, 3, 1)
     assert (summary["precision"], summary["precision_chosen_by"]) == ("mixed_bfloat16", "cache")
     assert summary["already_registered"] is False
@@ -231,6 +276,7 @@ def test_horovod_two_ranks_train_one_epoch_with_identical_weights(spark, tmp_pat
     model_dir = Path(summary["model_uri"].removeprefix("file:"))
     record = json.loads((model_dir / "model.json").read_text())
     assert len(record["weights_digests"]) == 1 and record["tensors_version"] == 1
+    assert (record["hyperparameters"]["mixup"], record["hyperparameters"]["label_smoothing"]) == (0.2, 0.05)
     # what the guard in scoring checks: the tensors' modalities (synthetic PNGs: the default)
     assert record["modalities"] == ["unspecified"] and record["pixels"]["mammo_crop"] is True
     model = tf.keras.models.load_model(model_dir / "model.keras", safe_mode=True, compile=False)
@@ -305,6 +351,7 @@ def test_horovod_two_ranks_train_one_epoch_with_identical_weights(spark, tmp_pat
     assert f"ROC AUC {result['auc']:.3f}" in card and f"ROC AUC {external['auc']:.3f}" in card
     assert f"epoch {record['best_epoch']} (validation ROC AUC {record['best_val_auc']:.3f})" in card
     assert "no substitute for a clinician" in card
+    assert "regularisation: mixup, shares drawn from Beta(0.200, 0.200), label smoothing 0.050" in card
 
     # a run killed after its third epoch's checkpoint resumes from there, best epoch remembered
     state = json.loads((run_dir / "state.json").read_text())
@@ -318,7 +365,8 @@ def test_horovod_two_ranks_train_one_epoch_with_identical_weights(spark, tmp_pat
     resumed = submit("train", "--master", "local[2]", "--lake", lake, "--dataset", "syn", "--epochs", "4",
                      "--num-proc", "2", "--batch-size", "8", "--set", "train.filters=[4, 8]",
                      "--set", "train.dense_units=8", "--set", "train.patience=10", "--resume",
-                     "--set", f"train.precision_cache={cache}")
+                     "--set", f"train.precision_cache={cache}", "--set", "train.mixup=0.2",
+                     "--set", "train.label_smoothing=0.05")
     assert (resumed["resumed_from_epoch"], resumed["epochs_run"], resumed["model_version"]) == (3, 1, 2)
     assert (resumed["precision"], resumed["precision_chosen_by"]) == ("mixed_bfloat16", "resumed run")
     assert resumed["ranks_identical"] is True

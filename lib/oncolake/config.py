@@ -114,6 +114,8 @@ class TrainConfig:
     min_steps_per_epoch: int = 20
     ema_decay: float = 0.99
     bn_images: int = 512
+    mixup: float = 0.0
+    label_smoothing: float = 0.0
     profile_steps: int = 0
     cache_mb: int = 2048
     precision: str = "auto"

@@ -51,6 +51,11 @@ def render(dataset: str, version: int, record: dict[str, Any], manifest: dict[st
               f"{_f(record['best_val_auc'])}), {record['selection']['weights']}; batch normalization: "
               f"{record['selection'].get('batch_norm', 'moving averages from training')}" if record.get("selection") else
               "- selection: not recorded (trained before oncolake registered the best epoch: retrain)")]
+    hyper = record.get("hyperparameters") or {}
+    if hyper.get("mixup") or hyper.get("label_smoothing"):
+        lines.append("- regularisation: " + ", ".join(
+            ([f"mixup, shares drawn from Beta({_f(hyper['mixup'])}, {_f(hyper['mixup'])})"] if hyper.get("mixup") else [])
+            + ([f"label smoothing {_f(hyper['label_smoothing'])}"] if hyper.get("label_smoothing") else [])))
     fitted = record.get("calibration") or {}
     if fitted.get("method", "none") != "none":
         lines.append(f"- calibration: {fitted['method']} scaling fitted on validation, a = {_f(fitted['a'])}, "

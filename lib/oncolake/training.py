@@ -23,6 +23,7 @@ import shutil
 import socket
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -304,7 +305,8 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
     try:
         model = build_model(spec["size"], spec["mean"], spec["std"], tcfg)
         optimizer = hvd.DistributedOptimizer(tf.keras.optimizers.Adam(tcfg.learning_rate * size))
-        model.compile(optimizer=optimizer, loss="binary_crossentropy", experimental_run_tf_function=False)
+        loss = tf.keras.losses.BinaryCrossentropy(label_smoothing=tcfg.label_smoothing)
+        model.compile(optimizer=optimizer, loss=loss, experimental_run_tf_function=False)
         filesystem = lake.petastorm_filesystem(spec["train_url"], spec["hdfs"])
         # Each rank scores its own shard of the validation split; the scores are gathered.
         _, val_images, val_labels = evaluation.read_split(spec["val_url"], filesystem, shard=(rank, size))
@@ -356,9 +358,12 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
             ]
 
         start = time.perf_counter()
-        with training_batches(spec, rank, size, tcfg.seed, tcfg.cache_mb, filesystem) as train:
+        with training_batches(spec, rank, size, tcfg.seed, tcfg.cache_mb, filesystem,
+                              mixup=tcfg.mixup) as train:
+            # mixed batches carry their class weights as sample weights (mixed like the labels)
             history = model.fit(train, steps_per_epoch=spec["steps_per_epoch"], epochs=spec["epochs"],
-                                initial_epoch=initial_epoch, class_weight=spec["class_weight"],
+                                initial_epoch=initial_epoch,
+                                class_weight=None if tcfg.mixup else spec["class_weight"],
                                 callbacks=callbacks, verbose=2 if rank == 0 else 0)
         seconds = time.perf_counter() - start
         result = {"rank": rank, "size": size, "digest": weights_digest(model), "seconds": seconds,
@@ -389,7 +394,7 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def training_batches(spec: dict[str, Any], rank: int, size: int, seed: int, cache_mb: int, filesystem=None,
-                     repeat: bool = True):
+                     repeat: bool = True, mixup: float = 0.0):
     """This rank's endless stream of shuffled (uint8 images, float32 labels) batches.
 
     Each rank reads its own shard of the training split through Petastorm
@@ -399,6 +404,9 @@ def training_batches(spec: dict[str, Any], rank: int, size: int, seed: int, cach
     a 512-image shuffle buffer. Only image and label are read: group_id may be
     null (no lesion or patient ids), which TensorFlow refuses. ``repeat=False``
     gives one pass over the shard.
+
+    ``mixup`` > 0: each batch is mixed with itself in a shuffled order
+    (:func:`mix_batch`), and batches are (images, labels, sample weights).
     """
     import tensorflow as tf
     from petastorm import make_reader
@@ -415,7 +423,36 @@ def training_batches(spec: dict[str, Any], rank: int, size: int, seed: int, cach
             batches = batches.repeat() if repeat else batches
         else:
             batches = batches.shuffle(512, seed=seed + rank)
-        yield batches.batch(spec["batch_size"]).prefetch(2)
+        batches = batches.batch(spec["batch_size"])
+        if mixup:
+            weights = spec.get("class_weight") or {0: 1.0, 1: 1.0}
+            mix = partial(mix_batch, alpha=mixup, seed=seed * 1000 + rank, class_weight=(weights[0], weights[1]))
+            batches = batches.enumerate().map(lambda step, batch: mix(step, *batch))
+        yield batches.prefetch(2)
+
+
+def mix_batch(step, images, labels, *, alpha: float, seed: int, class_weight: tuple[float, float]):
+    """Mixup (Zhang et al., 2018) of one batch with itself in a shuffled order.
+
+    Each image i becomes ``lam_i * x_i + (1 - lam_i) * x_p(i)`` with ``lam_i``
+    drawn from Beta(alpha, alpha), rounded back to uint8 (the model's input);
+    its label and its class weight are mixed with the same ``lam_i``. Draws
+    are stateless, from (seed, step): the same seed mixes the same way.
+    Returns (images, labels, sample weights).
+    """
+    import tensorflow as tf
+    n = tf.shape(images)[0]
+    step = tf.cast(step, tf.int32)
+    a = tf.random.stateless_gamma([n], seed=tf.stack([seed, step * 3]), alpha=alpha)
+    b = tf.random.stateless_gamma([n], seed=tf.stack([seed, step * 3 + 1]), alpha=alpha)
+    lam = a / tf.maximum(a + b, 1e-12)
+    order = tf.argsort(tf.random.stateless_uniform([n], seed=tf.stack([seed, step * 3 + 2])))
+    pixels = tf.cast(images, tf.float32)
+    share = tf.reshape(lam, [-1, 1, 1, 1])
+    mixed = tf.cast(tf.round(share * pixels + (1.0 - share) * tf.gather(pixels, order)), tf.uint8)
+    weight = tf.where(labels > 0.5, class_weight[1], class_weight[0])
+    return (mixed, lam * labels + (1.0 - lam) * tf.gather(labels, order),
+            lam * weight + (1.0 - lam) * tf.gather(weight, order))
 
 
 def _profiled_steps(count: int, steps_per_epoch: int) -> tuple[int, int] | int:
@@ -445,13 +482,16 @@ def _save_progress(fs, run_path: str, scratch: Path, state: dict[str, Any]) -> N
 
 #: Train settings that change how fast a model trains, not which model: left out of its key.
 _SPEED_ONLY = ("profile_steps", "cache_mb", "precision_cache")
+_ADDED_OFF = ("mixup", "label_smoothing")
 
 
 def training_key(dataset: str, tensors_version: int, manifest: dict[str, Any], tcfg: TrainConfig,
                  num_proc: int) -> str:
     """What a model is trained from: the tensor version (its manifest, less when and where it was
     built), the train settings and the number of processes. The SHA-256 of those, as JSON."""
-    settings = {k: v for k, v in dataclasses.asdict(tcfg).items() if k not in _SPEED_ONLY}
+    # settings added since, while off, leave the keys of models trained before them as they were
+    settings = {k: v for k, v in dataclasses.asdict(tcfg).items()
+                if k not in _SPEED_ONLY and not (k in _ADDED_OFF and not v)}
     what = {"dataset": dataset, "tensors_version": tensors_version, "num_proc": num_proc, "train": settings,
             "manifest": {k: v for k, v in manifest.items() if k not in ("created_at", "source_table")}}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
@@ -479,6 +519,10 @@ def run(spark: SparkSession, cfg: Config, dataset: str, tensors_version: int | N
     check_precision(tcfg.precision)
     if not 0.0 <= tcfg.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay must be in [0, 1), got {tcfg.ema_decay}")
+    if tcfg.mixup < 0:
+        raise ConfigError(f"train.mixup must be >= 0 (0: off), got {tcfg.mixup}")
+    if not 0.0 <= tcfg.label_smoothing < 1.0:
+        raise ConfigError(f"train.label_smoothing must be in [0, 1), got {tcfg.label_smoothing}")
     if tcfg.bn_images < 0:
         raise ConfigError(f"train.bn_images must be >= 0, got {tcfg.bn_images}")
     slots = spark.sparkContext.defaultParallelism
