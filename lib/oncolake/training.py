@@ -442,7 +442,7 @@ def mix_batch(step, images, labels, *, alpha: float, seed: int, class_weight: tu
     """
     import tensorflow as tf
     n = tf.shape(images)[0]
-    step = tf.cast(step, tf.int32)
+    seed, step = tf.constant(seed, tf.int64), tf.cast(step, tf.int64)
     a = tf.random.stateless_gamma([n], seed=tf.stack([seed, step * 3]), alpha=alpha)
     b = tf.random.stateless_gamma([n], seed=tf.stack([seed, step * 3 + 1]), alpha=alpha)
     lam = a / tf.maximum(a + b, 1e-12)
