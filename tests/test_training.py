@@ -155,7 +155,9 @@ def test_input_pipeline_feeds_every_training_image_in_uint8_batches(spark, tmp_p
         cw = {0: weights["0"], 1: weights["1"]}
         with training.training_batches({**spec, "class_weight": cw}, 0, 1, seed=1, cache_mb=cache_mb,
                                        mixup=0.4) as batches:
-            for x, y, w in batches.take(6).as_numpy_iterator():
+            mixed = list(batches.take(6).as_numpy_iterator())
+            assert any(np.any((y > 0.01) & (y < 0.99)) for _, y, _ in mixed)  # labels of two classes mixed
+            for x, y, w in mixed:
                 assert x.dtype == np.uint8 and x.shape == (8, 16, 16, 3)
                 assert np.all((y >= 0) & (y <= 1)) and np.all((w >= min(cw.values()) - 1e-6)
                                                                & (w <= max(cw.values()) + 1e-6))
