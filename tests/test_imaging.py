@@ -119,6 +119,36 @@ def test_pad_of_a_very_long_image_never_builds_the_square_canvas():
     assert padded[15].min() == 200 and padded[:15].max() == 0 and padded[16:].max() == 0  # one row, centred
 
 
+def test_shades_of_grey_makes_a_uniform_colour_grey_of_its_rms_and_leaves_grey_alone():
+    uniform = np.empty((4, 5, 3), np.uint8)
+    uniform[...] = (200, 100, 50)
+    # the light is the colour itself; neutral grey of the same length is its root mean square
+    rms = round(((200 ** 2 + 100 ** 2 + 50 ** 2) / 3) ** 0.5)  # 132
+    for p in (1, 6):
+        assert (imaging.colour_constancy(uniform, p) == rms).all()
+    grey = np.random.default_rng(0).integers(0, 256, (16, 16, 1), np.uint8).repeat(3, axis=2)
+    np.testing.assert_array_equal(imaging.colour_constancy(grey, 6), grey)
+    black = np.zeros((3, 3, 3), np.uint8)
+    np.testing.assert_array_equal(imaging.colour_constancy(black, 6), black)
+    with pytest.raises(ValueError, match="at least 1"):
+        imaging.colour_constancy(uniform, 0)
+
+
+def test_shades_of_grey_takes_the_same_scene_under_two_lights_to_the_same_tensor():
+    """A colour cast is a gain per channel; the Minkowski norm scales with it, so the
+    correction undoes it: the scene lit white and lit warm come out within rounding."""
+    scene = photo_like(48, 64, seed=3).astype(np.float64) * 0.75  # headroom: the cast must not clip
+    warm = np.rint(scene * (1.25, 1.0, 0.7)).astype(np.uint8)
+    white = np.rint(scene).astype(np.uint8)
+    assert np.abs(warm.astype(int) - white).mean() > 10  # the cast is visible before
+    a, b = imaging.colour_constancy(white, 6), imaging.colour_constancy(warm, 6)
+    assert np.abs(a.astype(int) - b).max() <= 2 and np.abs(a.astype(int) - b).mean() < 0.6
+    # and prepare applies it after the resize, from stored bytes
+    stored = encode(warm[..., ::-1], ".png")  # cv2 writes BGR
+    np.testing.assert_array_equal(imaging.prepare(stored, 32, "stretch", shades_of_grey=6),
+                                  imaging.colour_constancy(imaging.prepare(stored, 32, "stretch"), 6))
+
+
 def test_exif_orientation_is_applied(tmp_path):
     wide = np.zeros((20, 40, 3), np.uint8)
     exif = Image.Exif()

@@ -1,6 +1,7 @@
 """The preprocess job: grouped stratified stable splits, balancing, Petastorm tensors."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -14,7 +15,7 @@ import pytest
 from jobs import ingest as ingest_job
 from jobs import preprocess as preprocess_job
 from oncolake import lake as lakefs
-from oncolake import cli, config, preprocess, synthetic
+from oncolake import cli, config, imaging, preprocess, synthetic
 from tests.conftest import last_json, shared_dataset
 
 
@@ -162,6 +163,51 @@ def test_petastorm_tensors_equal_an_independent_decode_for_each_policy(spark, tm
     with make_batch_reader(url, num_epochs=1, reader_pool_type="dummy") as reader:
         # one batch per row group; each split has several files, so several batches
         assert sum(len(batch.image_id) for batch in reader) == out["test"]
+
+
+def test_colour_constancy_is_made_recorded_and_replayed_and_off_keeps_the_old_fingerprint(spark, tmp_path, capsys):
+    from petastorm import make_reader
+
+    from oncolake import registry
+    folder, lake = tmp_path / "in", str(tmp_path / "lake")
+    make_folder(folder, groups=8, per_group=2, seed=6, malignant_every=3)
+    summary = ingest(capsys, lake, folder, "cc")
+    content = {r.image_id: bytes(r.content) for r in
+               spark.read.format("delta").load(summary["table"]).select("image_id", "content").collect()}
+    argv = ("--lake", lake, "--dataset", "cc", "--size", "20")
+    code, plain, err = run(preprocess_job, capsys, *argv)
+    assert code == 0 and plain["version"] == 1, err
+    code, out, err = run(preprocess_job, capsys, *argv, "--set", "preprocess.shades_of_grey=6")
+    assert code == 0 and out["version"] == 2 and out["created"], err
+    code, again, err = run(preprocess_job, capsys, *argv, "--set", "preprocess.shades_of_grey=6")
+    assert code == 0 and (again["version"], again["created"]) == (2, False), err
+    manifests = [json.loads(Path(o["output"].removeprefix("file:"), "manifest.json").read_text()) for o in (plain, out)]
+    assert "shades_of_grey" not in manifests[0]["pixels"] and manifests[1]["pixels"]["shades_of_grey"] == 6
+    replay = registry.pixel_options({"pixels": manifests[1]["pixels"]})  # what scoring and predict pass on
+    moved = []
+    for split in preprocess.SPLITS:
+        url = "file://" + out["output"].removeprefix("file:") + f"/split={split}"
+        with make_reader(url, num_epochs=1, reader_pool_type="dummy") as reader:
+            for row in reader:
+                # shades of grey computed here: each channel over its p=6 norm, times the norms' RMS
+                raw = independent_tensor(content[row.image_id], 20, "stretch").astype(np.float64)
+                light = (raw ** 6).mean(axis=(0, 1)) ** (1 / 6)
+                expected = np.clip(np.rint(raw * np.sqrt((light ** 2).mean()) / light), 0, 255)
+                assert np.abs(row.image - expected).max() <= 1, row.image_id
+                np.testing.assert_array_equal(imaging.prepare(content[row.image_id], 20, "stretch", **replay),
+                                              row.image)
+                moved.append(np.abs(row.image - raw).mean())
+    assert len(moved) == len(content) and np.median(moved) > 2  # the synthetic lesions are coloured
+    # off, it is not part of the fingerprint: tensors made before it existed are found again
+    before = dataclasses.make_dataclass("PreprocessConfig", [
+        (f.name, f.type, dataclasses.field(default_factory=lambda d=f.default_factory: d())
+         if f.default is dataclasses.MISSING else dataclasses.field(default=f.default))
+        for f in dataclasses.fields(config.PreprocessConfig) if f.name != "shades_of_grey"])()
+    assert preprocess._fingerprint(before, "d") == preprocess._fingerprint(config.PreprocessConfig(), "d")
+    assert preprocess._fingerprint(config.PreprocessConfig(shades_of_grey=6), "d") != \
+        preprocess._fingerprint(config.PreprocessConfig(), "d")
+    code, _, err = run(preprocess_job, capsys, *argv, "--set", "preprocess.shades_of_grey=-1")
+    assert code != 0 and "shades_of_grey" in err
 
 
 @pytest.mark.parametrize("method", ["none", "undersample", "oversample", "class_weight"])

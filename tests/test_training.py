@@ -255,7 +255,8 @@ def test_horovod_two_ranks_train_one_epoch_with_identical_weights(spark, tmp_pat
     synthetic.write_dataset(folder, groups=30, per_group=2, seed=3, malignant_every=2, with_groups=False)
     run(ingest_job, capsys, "--lake", lake, "--dataset", "syn", "--input", str(folder),
         "--labels", str(folder / "labels.csv"))
-    run(preprocess_job, capsys, "--lake", lake, "--dataset", "syn", "--size", "16")
+    run(preprocess_job, capsys, "--lake", lake, "--dataset", "syn", "--size", "16",
+        "--set", "preprocess.shades_of_grey=6")
     # auto precision: this host's earlier measurement (a cache seeded here) says bfloat16 is faster
     cache = tmp_path / "precision.json"
     key = training.precision_key(16, config.TrainConfig(filters=(4, 8), dense_units=8, batch_size=8), threads=1)
@@ -280,6 +281,7 @@ def test_horovod_two_ranks_train_one_epoch_with_identical_weights(spark, tmp_pat
     assert (record["hyperparameters"]["mixup"], record["hyperparameters"]["label_smoothing"]) == (0.2, 0.05)
     # what the guard in scoring checks: the tensors' modalities (synthetic PNGs: the default)
     assert record["modalities"] == ["unspecified"] and record["pixels"]["mammo_crop"] is True
+    assert record["pixels"]["shades_of_grey"] == 6  # the tensors' colour constancy, replayed wherever it scores
     model = tf.keras.models.load_model(model_dir / "model.keras", safe_mode=True, compile=False)
     assert training.weights_digest(model) == record["weights_digests"][0]
     policies = {layer.dtype_policy.name for layer in model.submodules if isinstance(layer, tf.keras.layers.Conv2D)}
@@ -334,7 +336,8 @@ def test_horovod_two_ranks_train_one_epoch_with_identical_weights(spark, tmp_pat
     external = submit("evaluate", "--master", "local[2]", "--lake", lake, "--dataset", "syn", "--on", "other")
     assert (external["on"], external["images"], external["left_out_as_seen"]) == ("other", 24, 1)
     names = [line.split(",")[:2] for line in (other / "labels.csv").read_text().splitlines()[1:-1]]
-    tensors = np.stack([imaging.prepare((other / name).read_bytes(), 16, record["resize"]) for name, _ in names])
+    tensors = np.stack([imaging.prepare((other / name).read_bytes(), 16, record["resize"], shades_of_grey=6)
+                        for name, _ in names])
     expected = roc_auc_score([label == "malignant" for _, label in names], model.predict(tensors, verbose=0).ravel())
     assert external["auc"] == pytest.approx(expected, abs=1e-6)
     assert external["internal_test_auc"] == result["auc"] and (model_dir / "report-external-other.html").is_file()
@@ -353,6 +356,7 @@ def test_horovod_two_ranks_train_one_epoch_with_identical_weights(spark, tmp_pat
     assert f"epoch {record['best_epoch']} (validation ROC AUC {record['best_val_auc']:.3f})" in card
     assert "no substitute for a clinician" in card
     assert "regularisation: mixup, shares drawn from Beta(0.200, 0.200), label smoothing 0.050" in card
+    assert "colour constancy: shades of grey (Minkowski p = 6)" in card
 
     # a run killed after its third epoch's checkpoint resumes from there, best epoch remembered
     state = json.loads((run_dir / "state.json").read_text())

@@ -93,11 +93,19 @@ class PreprocessConfig:
     mammo_crop: bool = True
     reduced_decode: bool = True
     require_all_splits: bool = True
+    shades_of_grey: int = 0
 
-    def pixels(self) -> dict[str, bool]:
-        """The pixel options :func:`oncolake.imaging.prepare` takes; recorded with tensors and models."""
-        return {"mammo_flip_right": self.mammo_flip_right, "mammo_crop": self.mammo_crop,
-                "reduced": self.reduced_decode}
+    def pixels(self) -> dict[str, bool | int]:
+        """The pixel options :func:`oncolake.imaging.prepare` takes; recorded with tensors and models.
+
+        ``shades_of_grey`` appears only when on, so tensors made without it
+        record what tensors made before it was added record.
+        """
+        options: dict[str, bool | int] = {"mammo_flip_right": self.mammo_flip_right,
+                                          "mammo_crop": self.mammo_crop, "reduced": self.reduced_decode}
+        if self.shades_of_grey:
+            options["shades_of_grey"] = self.shades_of_grey
+        return options
 
 
 @dataclasses.dataclass(frozen=True)

@@ -43,7 +43,10 @@ def render(dataset: str, version: int, record: dict[str, Any], manifest: dict[st
              f"{record['source_table_version']} of `bronze.images`, {record['size']} px ({record['resize']})",
              "- images per split (benign / malignant): " + "; ".join(
                  f"{split} {counts[split].get('0', 0)} / {counts[split].get('1', 0)}" for split in ("train", "val", "test")),
-             f"- balancing of the training split: {manifest['balancing']['method']}", "",
+             f"- balancing of the training split: {manifest['balancing']['method']}",
+             *([f"- colour constancy: shades of grey (Minkowski p = {record['pixels']['shades_of_grey']}), "
+                "in training, evaluation, scoring and predict alike"]
+               if (record.get("pixels") or {}).get("shades_of_grey") else []), "",
              "## Training",
              f"- architecture {record['architecture']}, {record['num_proc']} Horovod processes, "
              f"precision {record.get('precision', 'float32')}, {record['epochs_run']} epochs run",

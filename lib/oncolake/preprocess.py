@@ -204,6 +204,8 @@ def _check(pcfg: PreprocessConfig) -> None:
                           f"got {dict(pcfg.split)}")
     if pcfg.balance not in BALANCING:
         raise ConfigError(f"preprocess.balance must be one of {BALANCING}, got {pcfg.balance!r}")
+    if pcfg.shades_of_grey < 0:
+        raise ConfigError(f"preprocess.shades_of_grey must be 0 (off) or a norm >= 1, got {pcfg.shades_of_grey}")
     if pcfg.resize not in imaging.RESIZE_POLICIES:
         raise ConfigError(f"preprocess.resize must be one of {imaging.RESIZE_POLICIES}, got {pcfg.resize!r}")
     if not 8 <= pcfg.size <= 1024:
@@ -220,10 +222,15 @@ def _labelled(bronze: DataFrame, pcfg: PreprocessConfig, default_modality: str) 
                          schema.modality(bronze, default_modality).alias("modality"))
 
 
+#: Settings added since tensors were first fingerprinted: while off, they leave the fingerprint as it was.
+_ADDED_OFF = ("shades_of_grey",)
+
+
 def _fingerprint(pcfg: PreprocessConfig, digest: str | None) -> str:
     import hashlib
     settings = json.dumps({k: (dict(v) if isinstance(v, dict) else v)
-                           for k, v in dataclasses.asdict(pcfg).items()}, sort_keys=True, default=list)
+                           for k, v in dataclasses.asdict(pcfg).items() if not (k in _ADDED_OFF and not v)},
+                          sort_keys=True, default=list)
     return hashlib.sha256(f"{settings}|{digest}".encode()).hexdigest()[:16]
 
 
