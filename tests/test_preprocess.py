@@ -138,13 +138,27 @@ def independent_tensor(data: bytes, size: int, policy: str) -> np.ndarray:
     return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
-def test_petastorm_tensors_equal_an_independent_decode_for_each_policy(spark, tmp_path, capsys):
-    from petastorm import make_batch_reader, make_reader
+def ingested_content(spark, capsys, tmp_path, dataset, groups, seed):
+    """A synthetic folder ingested into a new lake: the lake and each image's stored bytes by id."""
     folder, lake = tmp_path / "in", str(tmp_path / "lake")
-    make_folder(folder, groups=12, per_group=2, seed=4, malignant_every=3)
-    summary = ingest(capsys, lake, folder, "pol")
-    content = {r.image_id: bytes(r.content) for r in
-               spark.read.format("delta").load(summary["table"]).select("image_id", "content").collect()}
+    make_folder(folder, groups=groups, per_group=2, seed=seed, malignant_every=3)
+    summary = ingest(capsys, lake, folder, dataset)
+    return lake, {r.image_id: bytes(r.content) for r in
+                  spark.read.format("delta").load(summary["table"]).select("image_id", "content").collect()}
+
+
+def tensor_rows(summary):
+    """Every row of a preprocess run's tensors, split by split, through Petastorm."""
+    from petastorm import make_reader
+    for split in preprocess.SPLITS:
+        url = "file://" + summary["output"].removeprefix("file:") + f"/split={split}"
+        with make_reader(url, num_epochs=1, reader_pool_type="dummy") as reader:
+            yield from reader
+
+
+def test_petastorm_tensors_equal_an_independent_decode_for_each_policy(spark, tmp_path, capsys):
+    from petastorm import make_batch_reader
+    lake, content = ingested_content(spark, capsys, tmp_path, "pol", groups=12, seed=4)
     for version, policy in enumerate(("stretch", "crop", "pad"), start=1):
         code, out, err = run(preprocess_job, capsys, "--lake", lake, "--dataset", "pol", "--size", "20",
                              "--set", f"preprocess.resize={policy}")
@@ -152,28 +166,20 @@ def test_petastorm_tensors_equal_an_independent_decode_for_each_policy(spark, tm
         manifest = json.loads(Path(out["output"].removeprefix("file:"), "manifest.json").read_text())
         assert manifest["resize"] == policy and manifest["size"] == 20
         seen = 0
-        for split in preprocess.SPLITS:
-            url = "file://" + out["output"].removeprefix("file:") + f"/split={split}"
-            with make_reader(url, num_epochs=1, reader_pool_type="dummy") as reader:
-                for row in reader:
-                    assert row.image.dtype == np.uint8 and row.image.shape == (20, 20, 3)
-                    np.testing.assert_array_equal(row.image, independent_tensor(content[row.image_id], 20, policy))
-                    seen += 1
+        for row in tensor_rows(out):
+            assert row.image.dtype == np.uint8 and row.image.shape == (20, 20, 3)
+            np.testing.assert_array_equal(row.image, independent_tensor(content[row.image_id], 20, policy))
+            seen += 1
         assert seen == len(content)
+    url = "file://" + out["output"].removeprefix("file:") + "/split=test"
     with make_batch_reader(url, num_epochs=1, reader_pool_type="dummy") as reader:
         # one batch per row group; each split has several files, so several batches
         assert sum(len(batch.image_id) for batch in reader) == out["test"]
 
 
 def test_colour_constancy_is_made_recorded_and_replayed_and_off_keeps_the_old_fingerprint(spark, tmp_path, capsys):
-    from petastorm import make_reader
-
     from oncolake import registry
-    folder, lake = tmp_path / "in", str(tmp_path / "lake")
-    make_folder(folder, groups=8, per_group=2, seed=6, malignant_every=3)
-    summary = ingest(capsys, lake, folder, "cc")
-    content = {r.image_id: bytes(r.content) for r in
-               spark.read.format("delta").load(summary["table"]).select("image_id", "content").collect()}
+    lake, content = ingested_content(spark, capsys, tmp_path, "cc", groups=8, seed=6)
     argv = ("--lake", lake, "--dataset", "cc", "--size", "20")
     code, plain, err = run(preprocess_job, capsys, *argv)
     assert code == 0 and plain["version"] == 1, err
@@ -185,18 +191,14 @@ def test_colour_constancy_is_made_recorded_and_replayed_and_off_keeps_the_old_fi
     assert "shades_of_grey" not in manifests[0]["pixels"] and manifests[1]["pixels"]["shades_of_grey"] == 6
     replay = registry.pixel_options({"pixels": manifests[1]["pixels"]})  # what scoring and predict pass on
     moved = []
-    for split in preprocess.SPLITS:
-        url = "file://" + out["output"].removeprefix("file:") + f"/split={split}"
-        with make_reader(url, num_epochs=1, reader_pool_type="dummy") as reader:
-            for row in reader:
-                # shades of grey computed here: each channel over its p=6 norm, times the norms' RMS
-                raw = independent_tensor(content[row.image_id], 20, "stretch").astype(np.float64)
-                light = (raw ** 6).mean(axis=(0, 1)) ** (1 / 6)
-                expected = np.clip(np.rint(raw * np.sqrt((light ** 2).mean()) / light), 0, 255)
-                assert np.abs(row.image - expected).max() <= 1, row.image_id
-                np.testing.assert_array_equal(imaging.prepare(content[row.image_id], 20, "stretch", **replay),
-                                              row.image)
-                moved.append(np.abs(row.image - raw).mean())
+    for row in tensor_rows(out):
+        # shades of grey computed here: each channel over its p=6 norm, times the norms' RMS
+        raw = independent_tensor(content[row.image_id], 20, "stretch").astype(np.float64)
+        light = (raw ** 6).mean(axis=(0, 1)) ** (1 / 6)
+        expected = np.clip(np.rint(raw * np.sqrt((light ** 2).mean()) / light), 0, 255)
+        assert np.abs(row.image - expected).max() <= 1, row.image_id
+        np.testing.assert_array_equal(imaging.prepare(content[row.image_id], 20, "stretch", **replay), row.image)
+        moved.append(np.abs(row.image - raw).mean())
     assert len(moved) == len(content) and np.median(moved) > 2  # the synthetic lesions are coloured
     # off, it is not part of the fingerprint: tensors made before it existed are found again
     before = dataclasses.make_dataclass("PreprocessConfig", [
