@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import time
@@ -200,6 +201,22 @@ def test_colour_constancy_is_made_recorded_and_replayed_and_off_keeps_the_old_fi
         np.testing.assert_array_equal(imaging.prepare(content[row.image_id], 20, "stretch", **replay), row.image)
         moved.append(np.abs(row.image - raw).mean())
     assert len(moved) == len(content) and np.median(moved) > 2  # the synthetic lesions are coloured
+    # train takes the newest tensors by default; made otherwise than the settings say, it says so
+    from oncolake import training
+    now = dataclasses.replace(config.PreprocessConfig(), size=20)
+    assert preprocess.differences(manifests[0], now) == {}
+    assert preprocess.differences(manifests[1], now) == {"pixels": (manifests[1]["pixels"], now.pixels())}
+    assert set(preprocess.differences(manifests[0], dataclasses.replace(now, size=24))) == {"size"}
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger("oncolake.training").addHandler(handler)
+    try:
+        training._warn_if_made_otherwise(spark, lakefs.qualify(spark, lake), "cc", [1, 2], now)
+        training._warn_if_made_otherwise(spark, lakefs.qualify(spark, lake), "cc", [1], now)
+    finally:
+        logging.getLogger("oncolake.training").removeHandler(handler)
+    assert len(said) == 1 and "newest tensors, v2" in said[0] and "--tensors-version 1" in said[0], said
     # off, it is not part of the fingerprint: tensors made before it existed are found again
     before = dataclasses.make_dataclass("PreprocessConfig", [
         (f.name, f.type, dataclasses.field(default_factory=lambda d=f.default_factory: d())

@@ -222,6 +222,20 @@ def _labelled(bronze: DataFrame, pcfg: PreprocessConfig, default_modality: str) 
                          schema.modality(bronze, default_modality).alias("modality"))
 
 
+def differences(manifest: dict[str, Any], pcfg: PreprocessConfig) -> dict[str, tuple[Any, Any]]:
+    """What a tensor version's images were made with that ``pcfg`` would make differently.
+
+    Size, resize policy and pixel options (as recorded; a version made before
+    reduced JPEG decoding records none and decoded at full size), each as
+    (the version's, the settings'). Empty when the settings would make the
+    same pixels.
+    """
+    made = {"size": manifest.get("size"), "resize": manifest.get("resize"),
+            "pixels": {"reduced": False, **(manifest.get("pixels") or {})}}
+    now = {"size": pcfg.size, "resize": pcfg.resize, "pixels": pcfg.pixels()}
+    return {k: (made[k], now[k]) for k in made if made[k] != now[k]}
+
+
 #: Settings added since tensors were first fingerprinted: while off, they leave the fingerprint as it was.
 _ADDED_OFF = ("shades_of_grey",)
 

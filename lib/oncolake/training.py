@@ -32,7 +32,7 @@ from pyspark.sql import SparkSession
 # Module-level: Horovod's rank processes get these pickled by value with the training
 # function; an import inside it would look for an installed oncolake, which executors lack.
 from oncolake import calibration, evaluation, lake, preprocess, profiling, registry, selection, tracking
-from oncolake.config import Config, TrainConfig
+from oncolake.config import Config, PreprocessConfig, TrainConfig
 from oncolake.errors import ConfigError, DataQualityError
 
 log = logging.getLogger(__name__)
@@ -511,7 +511,9 @@ def run(spark: SparkSession, cfg: Config, dataset: str, tensors_version: int | N
     versions = preprocess.published_versions(spark, lake_uri, dataset)
     if not versions:
         raise DataQualityError(f"no tensor dataset for {dataset}: run preprocess first")
-    tensors_version = tensors_version or versions[-1]
+    if tensors_version is None:
+        tensors_version = versions[-1]
+        _warn_if_made_otherwise(spark, lake_uri, dataset, versions, cfg.preprocess)
     manifest = preprocess.read_manifest(spark, lake_uri, dataset, tensors_version)
     tensors = lake.tensors_uri(lake_uri, dataset, tensors_version)
     if tcfg.calibration not in calibration.METHODS:
@@ -613,6 +615,24 @@ def run(spark: SparkSession, cfg: Config, dataset: str, tensors_version: int | N
     lake.write_text(spark, f"{run_uri}/registered", model_dir)
     _sweep_runs(spark, runs_uri, key)
     return _summary(record, version, model_dir, already_registered=False)
+
+
+def _warn_if_made_otherwise(spark: SparkSession, lake_uri: str, dataset: str, versions: list[int],
+                            pcfg: PreprocessConfig) -> None:
+    """Say so when the newest tensors (what train takes by default) were made otherwise than the settings say.
+
+    Preprocess run with the settings finds or makes the version they describe,
+    but train takes the newest: after one run with other settings, those.
+    """
+    newest = preprocess.differences(preprocess.read_manifest(spark, lake_uri, dataset, versions[-1]), pcfg)
+    if not newest:
+        return
+    matching = [v for v in versions[:-1]
+                if not preprocess.differences(preprocess.read_manifest(spark, lake_uri, dataset, v), pcfg)]
+    log.warning("training on the newest tensors, v%d, made with %s; the preprocess settings say %s%s", versions[-1],
+                ", ".join(f"{k} {made}" for k, (made, _) in newest.items()),
+                ", ".join(f"{k} {now}" for k, (_, now) in newest.items()),
+                f" (v{matching[-1]} was made so: --tensors-version {matching[-1]} trains on it)" if matching else "")
 
 
 def _summary(record: dict[str, Any], version: int, model_dir: str, already_registered: bool) -> dict[str, Any]:
