@@ -62,6 +62,8 @@ def test_repository_configuration_loads_for_every_env():
     for name in ("ham", "ham10000"):
         ham = config.load("local", dataset=name)
         assert (ham.preprocess.size, ham.train.epochs, ham.train.patience) == (96, 45, 12)
+        assert ham.preprocess.shades_of_grey == 6
+    assert config.load("local", dataset="busi").preprocess.shades_of_grey == 0
 
 
 def test_describe_hides_secrets():
