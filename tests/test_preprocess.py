@@ -212,8 +212,8 @@ def test_colour_constancy_is_made_recorded_and_replayed_and_off_keeps_the_old_fi
     handler.emit = lambda record: said.append(record.getMessage())
     logging.getLogger("oncolake.training").addHandler(handler)
     try:
-        training._warn_if_made_otherwise(spark, lakefs.qualify(spark, lake), "cc", [1, 2], now)
-        training._warn_if_made_otherwise(spark, lakefs.qualify(spark, lake), "cc", [1], now)
+        training._warn_if_made_otherwise(spark, lakefs.qualify(spark, lake), "cc", [1, 2], manifests[1], now)
+        training._warn_if_made_otherwise(spark, lakefs.qualify(spark, lake), "cc", [1], manifests[0], now)
     finally:
         logging.getLogger("oncolake.training").removeHandler(handler)
     assert len(said) == 1 and "newest tensors, v2" in said[0] and "--tensors-version 1" in said[0], said

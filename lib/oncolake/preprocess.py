@@ -36,7 +36,7 @@ from pyspark.sql import Column, DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import IntegerType, StringType
 
-from oncolake import imaging, lake, schema, timing
+from oncolake import imaging, lake, registry, schema, timing
 from oncolake.config import Config, HdfsConfig, PreprocessConfig
 from oncolake.errors import ConfigError, DataQualityError
 
@@ -225,13 +225,12 @@ def _labelled(bronze: DataFrame, pcfg: PreprocessConfig, default_modality: str) 
 def differences(manifest: dict[str, Any], pcfg: PreprocessConfig) -> dict[str, tuple[Any, Any]]:
     """What a tensor version's images were made with that ``pcfg`` would make differently.
 
-    Size, resize policy and pixel options (as recorded; a version made before
-    reduced JPEG decoding records none and decoded at full size), each as
-    (the version's, the settings'). Empty when the settings would make the
-    same pixels.
+    Size, resize policy and pixel options (read as scoring reads a model's:
+    :func:`oncolake.registry.pixel_options`), each as (the version's, the
+    settings'). Empty when the settings would make the same pixels.
     """
     made = {"size": manifest.get("size"), "resize": manifest.get("resize"),
-            "pixels": {"reduced": False, **(manifest.get("pixels") or {})}}
+            "pixels": registry.pixel_options(manifest)}
     now = {"size": pcfg.size, "resize": pcfg.resize, "pixels": pcfg.pixels()}
     return {k: (made[k], now[k]) for k in made if made[k] != now[k]}
 

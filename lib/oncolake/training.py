@@ -511,10 +511,10 @@ def run(spark: SparkSession, cfg: Config, dataset: str, tensors_version: int | N
     versions = preprocess.published_versions(spark, lake_uri, dataset)
     if not versions:
         raise DataQualityError(f"no tensor dataset for {dataset}: run preprocess first")
+    manifest = preprocess.read_manifest(spark, lake_uri, dataset, tensors_version or versions[-1])
     if tensors_version is None:
         tensors_version = versions[-1]
-        _warn_if_made_otherwise(spark, lake_uri, dataset, versions, cfg.preprocess)
-    manifest = preprocess.read_manifest(spark, lake_uri, dataset, tensors_version)
+        _warn_if_made_otherwise(spark, lake_uri, dataset, versions, manifest, cfg.preprocess)
     tensors = lake.tensors_uri(lake_uri, dataset, tensors_version)
     if tcfg.calibration not in calibration.METHODS:
         raise ConfigError(f"train.calibration must be one of {calibration.METHODS}, got {tcfg.calibration!r}")
@@ -618,13 +618,13 @@ def run(spark: SparkSession, cfg: Config, dataset: str, tensors_version: int | N
 
 
 def _warn_if_made_otherwise(spark: SparkSession, lake_uri: str, dataset: str, versions: list[int],
-                            pcfg: PreprocessConfig) -> None:
+                            newest_manifest: dict[str, Any], pcfg: PreprocessConfig) -> None:
     """Say so when the newest tensors (what train takes by default) were made otherwise than the settings say.
 
     Preprocess run with the settings finds or makes the version they describe,
     but train takes the newest: after one run with other settings, those.
     """
-    newest = preprocess.differences(preprocess.read_manifest(spark, lake_uri, dataset, versions[-1]), pcfg)
+    newest = preprocess.differences(newest_manifest, pcfg)
     if not newest:
         return
     matching = [v for v in versions[:-1]
