@@ -17,6 +17,7 @@ from sklearn.metrics import roc_auc_score
 from jobs import ingest as ingest_job
 from jobs import preprocess as preprocess_job
 from oncolake import config, imaging, lake, registry, synthetic, training
+from oncolake.errors import ConfigError
 from tests.conftest import ROOT, killed_three_times_then_rerun, last_json, no_leftovers
 
 
@@ -53,6 +54,13 @@ def test_augmentation_keeps_below_mean_pixels_in_training():
     trained = network_input(dark, training=True).numpy()
     # brightness moves by at most 10 % of 255, contrast around the image's own mean
     assert trained.max() < 0 and abs(trained.mean() + 2.75) < 0.9
+
+
+@pytest.mark.parametrize("name,bad", [("rotation", 0.6), ("zoom", -0.1), ("brightness", 1.5), ("contrast", 1.0)])
+def test_an_augmentation_factor_its_layer_cannot_take_is_refused_by_name(name, bad):
+    import dataclasses
+    with pytest.raises(ConfigError, match=f"train.{name} must be in"):
+        training.build_model(8, [0.0] * 3, [1.0] * 3, dataclasses.replace(config.TrainConfig(), **{name: bad}))
 
 
 def test_auto_precision_is_measured_once_per_host_and_network_then_kept_and_a_resumed_run_keeps_its_own(tmp_path):
@@ -211,14 +219,16 @@ def test_the_training_key_names_what_a_model_is_trained_from_and_not_how_fast():
               ("syn", 1, manifest, dataclasses.replace(tcfg, epochs=3), 2), ("syn", 1, manifest, tcfg, 1),
               ("other", 1, manifest, tcfg, 2)]
     assert len({training.training_key(*args) for args in others} | {key}) == len(others) + 1
-    # mixup and label smoothing, off, leave the keys of models trained before they existed
+    # settings added later, at the value models had before them, leave those models' keys as they were
+    added = ("mixup", "label_smoothing", "rotation", "zoom", "brightness", "contrast")
     before = dataclasses.make_dataclass("TrainConfig", [
         (f.name, f.type, dataclasses.field(default=f.default)) for f in dataclasses.fields(tcfg)
-        if f.name not in ("mixup", "label_smoothing")])()
+        if f.name not in added])()
     assert training.training_key("syn", 1, manifest, before, 2) == key
-    on = {training.training_key("syn", 1, manifest, dataclasses.replace(tcfg, **change), 2)
-          for change in ({"mixup": 0.2}, {"label_smoothing": 0.1})}
-    assert len(on | {key}) == 3
+    changes = ({"mixup": 0.2}, {"label_smoothing": 0.1}, {"rotation": 0.5}, {"zoom": 0.0}, {"brightness": 0.2},
+               {"contrast": 0.3})
+    on = {training.training_key("syn", 1, manifest, dataclasses.replace(tcfg, **change), 2) for change in changes}
+    assert len(on | {key}) == len(changes) + 1
 
 
 def test_mixup_mixes_each_image_label_and_class_weight_with_one_draw():
@@ -265,7 +275,8 @@ def test_horovod_two_ranks_train_one_epoch_with_identical_weights(spark, tmp_pat
                      "--num-proc", "2", "--batch-size", "8", "--set", "train.filters=[4, 8]",
                      "--set", "train.dense_units=8", "--set", "train.min_steps_per_epoch=5",
                      "--set", "train.patience=10", "--set", f"train.precision_cache={cache}",
-                     "--set", "train.mixup=0.2", "--set", "train.label_smoothing=0.05")
+                     "--set", "train.mixup=0.2", "--set", "train.label_smoothing=0.05",
+                     "--set", "train.rotation=0.5", "--set", "train.contrast=0")
     assert (summary["num_proc"], summary["epochs_run"], summary["model_version"]) == (2, 3, 1)
     assert (summary["precision"], summary["precision_chosen_by"]) == ("mixed_bfloat16", "cache")
     assert summary["already_registered"] is False
@@ -284,6 +295,10 @@ def test_horovod_two_ranks_train_one_epoch_with_identical_weights(spark, tmp_pat
     assert record["pixels"]["shades_of_grey"] == 6  # the tensors' colour constancy, replayed wherever it scores
     model = tf.keras.models.load_model(model_dir / "model.keras", safe_mode=True, compile=False)
     assert training.weights_digest(model) == record["weights_digests"][0]
+    # the augmentation asked for: any angle, no contrast layer, the other two as before
+    augmenting = {type(layer).__name__: layer for layer in model.layers if type(layer).__name__.startswith("Random")}
+    assert sorted(augmenting) == ["RandomBrightness", "RandomFlip", "RandomRotation", "RandomZoom"]
+    assert augmenting["RandomRotation"].factor == 0.5 and augmenting["RandomZoom"].height_factor == 0.1
     policies = {layer.dtype_policy.name for layer in model.submodules if isinstance(layer, tf.keras.layers.Conv2D)}
     assert policies == {"mixed_bfloat16"} and record["precision"] == "mixed_bfloat16"
     assert (model_dir / "tensorboard").is_dir()
@@ -357,6 +372,8 @@ def test_horovod_two_ranks_train_one_epoch_with_identical_weights(spark, tmp_pat
     assert "no substitute for a clinician" in card
     assert "regularisation: mixup, shares drawn from Beta(0.200, 0.200), label smoothing 0.050" in card
     assert "colour constancy: shades of grey (Minkowski p = 6)" in card
+    assert ("augmentation (training only): random flips, rotation up to 0.500 of a turn, zoom up to 0.100, "
+            "brightness up to 0.100\n") in card
 
     # a run killed after its third epoch's checkpoint resumes from there, best epoch remembered
     state = json.loads((run_dir / "state.json").read_text())

@@ -124,6 +124,10 @@ class TrainConfig:
     bn_images: int = 512
     mixup: float = 0.0
     label_smoothing: float = 0.0
+    rotation: float = 0.1
+    zoom: float = 0.1
+    brightness: float = 0.1
+    contrast: float = 0.1
     profile_steps: int = 0
     cache_mb: int = 2048
     precision: str = "auto"

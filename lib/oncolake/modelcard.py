@@ -55,6 +55,11 @@ def render(dataset: str, version: int, record: dict[str, Any], manifest: dict[st
               f"{record['selection'].get('batch_norm', 'moving averages from training')}" if record.get("selection") else
               "- selection: not recorded (trained before oncolake registered the best epoch: retrain)")]
     hyper = record.get("hyperparameters") or {}
+    # models from before these settings existed had 0.1 of each
+    factors = {name: hyper.get(name, 0.1) for name in ("rotation", "zoom", "brightness", "contrast")}
+    lines.append("- augmentation (training only): random flips" + "".join(
+        f", {name} up to {_f(value)}" + (" of a turn" if name == "rotation" else "")
+        for name, value in factors.items() if value))
     if hyper.get("mixup") or hyper.get("label_smoothing"):
         lines.append("- regularisation: " + ", ".join(
             ([f"mixup, shares drawn from Beta({_f(hyper['mixup'])}, {_f(hyper['mixup'])})"] if hyper.get("mixup") else [])

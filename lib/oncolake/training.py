@@ -48,8 +48,9 @@ def build_model(size: int, mean: list[float], std: list[float], tcfg: TrainConfi
     """The CNN: uint8 images in, probability of malignant out.
 
     Normalisation (the dataset's training-split statistics) and augmentation
-    (flips, rotation, zoom, brightness, contrast; active in training only) are
-    layers of the model, so it takes uint8 images as stored and as scored.
+    (flips, then rotation, zoom, brightness and contrast by up to ``tcfg``'s
+    factors, each 0 to leave it out; active in training only) are layers of
+    the model, so it takes uint8 images as stored and as scored.
 
     Augmentation works on 0-255 pixel values and normalisation comes after it:
     Keras' RandomContrast clips its output to [0, 255], so placed after
@@ -63,11 +64,16 @@ def build_model(size: int, mean: list[float], std: list[float], tcfg: TrainConfi
     inputs = tf.keras.Input((size, size, 3), dtype=tf.uint8, name="image")
     # The preprocessing layers cast the uint8 input to float themselves: no
     # Lambda layer, so the saved model loads with safe_mode (no code from the file is run).
+    check_augmentation(tcfg)
     x = layers.RandomFlip("horizontal_and_vertical", seed=tcfg.seed)(inputs)
-    x = layers.RandomRotation(0.1, seed=tcfg.seed)(x)
-    x = layers.RandomZoom(0.1, seed=tcfg.seed)(x)
-    x = layers.RandomBrightness(0.1, value_range=(0.0, 255.0), seed=tcfg.seed)(x)
-    x = layers.RandomContrast(0.1, seed=tcfg.seed)(x)
+    if tcfg.rotation:
+        x = layers.RandomRotation(tcfg.rotation, seed=tcfg.seed)(x)
+    if tcfg.zoom:
+        x = layers.RandomZoom(tcfg.zoom, seed=tcfg.seed)(x)
+    if tcfg.brightness:
+        x = layers.RandomBrightness(tcfg.brightness, value_range=(0.0, 255.0), seed=tcfg.seed)(x)
+    if tcfg.contrast:
+        x = layers.RandomContrast(tcfg.contrast, seed=tcfg.seed)(x)
     x = layers.Normalization(mean=mean, variance=[s * s for s in std], name="normalise")(x)
     conv = layers.SeparableConv2D if tcfg.architecture == "separable" else layers.Conv2D
     # In mixed bfloat16 the network computes in bfloat16 (variables stay float32);
@@ -86,6 +92,15 @@ def build_model(size: int, mean: list[float], std: list[float], tcfg: TrainConfi
     x = layers.Dropout(tcfg.dropout, dtype=dtype)(x)
     outputs = layers.Dense(1, activation="sigmoid", name="malignant", dtype="float32")(x)
     return tf.keras.Model(inputs, outputs, name=f"oncolake_{tcfg.architecture}")
+
+
+def check_augmentation(tcfg: TrainConfig) -> None:
+    """A ConfigError unless each augmentation factor is one its Keras layer takes."""
+    # rotation is a fraction of a full turn (0.5: any angle); zoom, brightness and contrast fractions of 1
+    for name, high in (("rotation", 0.5), ("zoom", 0.9), ("brightness", 1.0), ("contrast", 0.9)):
+        value = getattr(tcfg, name)
+        if not 0.0 <= value <= high:
+            raise ConfigError(f"train.{name} must be in [0, {high}] (0: off), got {value}")
 
 
 PRECISIONS = ("auto", "float32", "mixed_bfloat16")
@@ -482,7 +497,9 @@ def _save_progress(fs, run_path: str, scratch: Path, state: dict[str, Any]) -> N
 
 #: Train settings that change how fast a model trains, not which model: left out of its key.
 _SPEED_ONLY = ("profile_steps", "cache_mb", "precision_cache")
-_ADDED_OFF = ("mixup", "label_smoothing")
+#: Train settings added since the first models, with the value every model had before:
+#: at that value they are left out of the key, so those models are found again.
+_ADDED = {"mixup": 0.0, "label_smoothing": 0.0, "rotation": 0.1, "zoom": 0.1, "brightness": 0.1, "contrast": 0.1}
 
 
 def training_key(dataset: str, tensors_version: int, manifest: dict[str, Any], tcfg: TrainConfig,
@@ -491,7 +508,7 @@ def training_key(dataset: str, tensors_version: int, manifest: dict[str, Any], t
     built), the train settings and the number of processes. The SHA-256 of those, as JSON."""
     # settings added since, while off, leave the keys of models trained before them as they were
     settings = {k: v for k, v in dataclasses.asdict(tcfg).items()
-                if k not in _SPEED_ONLY and not (k in _ADDED_OFF and not v)}
+                if k not in _SPEED_ONLY and not (k in _ADDED and v == _ADDED[k])}
     what = {"dataset": dataset, "tensors_version": tensors_version, "num_proc": num_proc, "train": settings,
             "manifest": {k: v for k, v in manifest.items() if k not in ("created_at", "source_table")}}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
@@ -527,6 +544,7 @@ def run(spark: SparkSession, cfg: Config, dataset: str, tensors_version: int | N
         raise ConfigError(f"train.label_smoothing must be in [0, 1), got {tcfg.label_smoothing}")
     if tcfg.bn_images < 0:
         raise ConfigError(f"train.bn_images must be >= 0, got {tcfg.bn_images}")
+    check_augmentation(tcfg)
     slots = spark.sparkContext.defaultParallelism
     num_proc = tcfg.num_proc or slots
     if num_proc > slots:
