@@ -506,7 +506,7 @@ def training_key(dataset: str, tensors_version: int, manifest: dict[str, Any], t
                  num_proc: int) -> str:
     """What a model is trained from: the tensor version (its manifest, less when and where it was
     built), the train settings and the number of processes. The SHA-256 of those, as JSON."""
-    # settings added since, while off, leave the keys of models trained before them as they were
+    # settings added since, at the value every model had before them, leave those models' keys as they were
     settings = {k: v for k, v in dataclasses.asdict(tcfg).items()
                 if k not in _SPEED_ONLY and not (k in _ADDED and v == _ADDED[k])}
     what = {"dataset": dataset, "tensors_version": tensors_version, "num_proc": num_proc, "train": settings,
