@@ -266,9 +266,15 @@ def prepare(data: bytes, size: int, policy: str = "stretch", *, mammo_flip_right
     the colour of the light (:func:`colour_constancy`, that Minkowski norm).
     """
     if dicom_read.is_dicom(data):
-        image = resize(_dicom_rgb(data, size, mammo_flip_right, mammo_crop), size, policy)
+        image = _dicom_rgb(data, size, mammo_flip_right, mammo_crop)
     else:
-        image = resize(decode_rgb(data, size, policy) if reduced else decode_rgb(data), size, policy)
+        image = decode_rgb(data, size, policy) if reduced else decode_rgb(data)
+    return finish(image, size, policy, shades_of_grey)
+
+
+def finish(image: np.ndarray, size: int, policy: str = "stretch", shades_of_grey: int = 0) -> np.ndarray:
+    """A decoded RGB image to the model's input: :func:`prepare`'s steps after the decode."""
+    image = resize(image, size, policy)
     if shades_of_grey:
         image = colour_constancy(image, shades_of_grey)
     return np.ascontiguousarray(image, dtype=np.uint8)

@@ -112,7 +112,8 @@ def _measure(spark, cfg, args) -> dict:
         for variant, (policy, transform) in _variants(record).items():
             # the policies from the bytes as scoring prepares them; the zooms from the full-size decode
             tensors = np.stack([imaging.prepare(content, record["size"], policy, **pixels) if transform is None
-                                else _prepared(transform(imaging.decode_rgb(content)), record["size"], pixels)
+                                else imaging.finish(transform(imaging.decode_rgb(content)), record["size"],
+                                                    shades_of_grey=pixels.get("shades_of_grey", 0))
                                 for content in external])
             scores[variant] = model.predict(tensors, batch_size=cfg.score.batch_size, verbose=0).ravel()
             result[variant] = {"auc": round(metrics.roc_auc(labels, scores[variant]), 4)}
@@ -128,14 +129,6 @@ def _measure(spark, cfg, args) -> dict:
                             "auc_95ci": metrics.bootstrap_auc_ci(y[subset], test[subset], args.bootstrap)},
             "external": {"images": len(labels), "positives": int(labels.sum()), **result}}
     return {"external": args.external, "models": models}
-
-
-def _prepared(image: np.ndarray, size: int, pixels: dict) -> np.ndarray:
-    """The model's input from a decoded, already square image, as imaging.prepare makes it from bytes."""
-    tensor = imaging.resize(image, size)
-    if pixels.get("shades_of_grey"):
-        tensor = imaging.colour_constancy(tensor, pixels["shades_of_grey"])
-    return np.ascontiguousarray(tensor, dtype=np.uint8)
 
 
 if __name__ == "__main__":
