@@ -229,6 +229,71 @@ def test_colour_constancy_is_made_recorded_and_replayed_and_off_keeps_the_old_fi
     assert code != 0 and "shades_of_grey" in err
 
 
+def test_an_aux_attribute_becomes_each_tensors_class_index_and_off_keeps_the_old_fingerprint(spark, tmp_path, capsys):
+    import csv
+    folder, lake = tmp_path / "in", str(tmp_path / "lake")
+    make_folder(folder, groups=12, per_group=2, seed=9, malignant_every=3)
+    with open(folder / "labels.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    # a 7-class-like attribute of the labels CSV, as HAM10000's dx; one image without a value
+    kinds = ["nv", "mel", "bkl", "bcc"]
+    for i, row in enumerate(rows):
+        row["dx"] = "" if i == 5 else kinds[i % len(kinds)]
+
+    def write_labels():
+        with open(folder / "labels.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    write_labels()
+    ingest(capsys, lake, folder, "aux")
+    argv = ("--lake", lake, "--dataset", "aux", "--size", "16")
+    code, plain, err = run(preprocess_job, capsys, *argv)
+    assert code == 0 and plain["version"] == 1, err
+    code, out, err = run(preprocess_job, capsys, *argv, "--set", "preprocess.aux_attribute=dx")
+    assert code == 0 and (out["version"], out["created"]) == (2, True), err
+    manifest = json.loads(Path(out["output"].removeprefix("file:"), "manifest.json").read_text())
+    classes = sorted(kinds)
+    assert manifest["aux"]["attribute"] == "dx" and manifest["aux"]["classes"] == classes
+    ids = {r.image_id: r.relative_path for r in spark.read.format("delta").load(
+        lakefs.table_uri(lakefs.qualify(spark, lake), "bronze.images")).collect()}
+    dx = {row["path"]: row["dx"] for row in rows}
+    seen, train = {}, {}
+    for row in tensor_rows(out):
+        value = dx[ids[row.image_id]]
+        assert row.aux == (classes.index(value) if value else -1), (row.image_id, value)
+        seen[row.image_id] = row.aux
+    assert len(seen) == len(rows) and -1 in seen.values()
+    for image_id, (_, split, _) in splits_of(spark, lake, "aux", 2).items():
+        if split == "train":
+            train[str(seen[image_id])] = train.get(str(seen[image_id]), 0) + 1
+    assert {k: v for k, v in manifest["aux"]["train_counts"].items() if v} == train
+    # the Petastorm schema has the column, and a version made without it does not
+    from petastorm.etl import dataset_metadata
+    for summary, names in ((out, ["image_id", "label", "group_id", "image", "aux"]),
+                           (plain, ["image_id", "label", "group_id", "image"])):
+        url = "file://" + summary["output"].removeprefix("file:") + "/split=train"
+        assert list(dataset_metadata.get_schema_from_dataset_url(url).fields) == names
+    # reruns change nothing; off again, the plain version is found: off, it is not in the fingerprint
+    code, again, err = run(preprocess_job, capsys, *argv, "--set", "preprocess.aux_attribute=dx")
+    assert code == 0 and (again["version"], again["created"]) == (2, False), err
+    code, again, err = run(preprocess_job, capsys, *argv)
+    assert code == 0 and (again["version"], again["created"]) == (1, False), err
+    # the attribute's values are part of what a version holds: one image's dx changed makes a new one
+    rows[0]["dx"] = "df"
+    write_labels()
+    ingest(capsys, lake, folder, "aux", date="2026-03-02")
+    code, changed, err = run(preprocess_job, capsys, *argv, "--set", "preprocess.aux_attribute=dx")
+    assert code == 0 and (changed["version"], changed["created"]) == (3, True), err
+    manifest = json.loads(Path(changed["output"].removeprefix("file:"), "manifest.json").read_text())
+    assert manifest["aux"]["classes"] == sorted([*kinds, "df"])
+    # an attribute no image has, or a name that is no column name, is refused clearly
+    code, _, err = run(preprocess_job, capsys, *argv, "--set", "preprocess.aux_attribute=site")
+    assert code == 3 and "aux_attribute 'site' takes 0 value(s)" in err, err
+    code, _, err = run(preprocess_job, capsys, *argv, "--set", "preprocess.aux_attribute=a b")
+    assert code != 0 and "preprocess.aux_attribute must be" in err, err
+
+
 @pytest.mark.parametrize("method", ["none", "undersample", "oversample", "class_weight"])
 def test_balancing_touches_only_the_training_split(spark, tmp_path, capsys, method):
     folder, lake = tmp_path / "in", str(tmp_path / "lake")

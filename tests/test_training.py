@@ -172,6 +172,78 @@ def test_input_pipeline_feeds_every_training_image_in_uint8_batches(spark, tmp_p
                 assert np.allclose(w, cw[0] + y * (cw[1] - cw[0]), atol=1e-5)  # both linear in the one share
 
 
+def test_an_aux_head_learns_the_tensors_aux_class_beside_malignant_and_only_malignant_is_kept(
+        spark, tmp_path, capsys):
+    import csv
+
+    import tensorflow as tf
+    folder, lake_dir = tmp_path / "in", str(tmp_path / "lake")
+    synthetic.write_dataset(folder, groups=24, per_group=2, seed=6, malignant_every=3)
+    with open(folder / "labels.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for i, row in enumerate(rows):  # three kinds; one image in seven without one
+        row["dx"] = "" if i % 7 == 2 else ("mel", "nv", "bkl")[i % 3]
+    with open(folder / "labels.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    run(ingest_job, capsys, "--lake", lake_dir, "--dataset", "syn", "--input", str(folder),
+        "--labels", str(folder / "labels.csv"))
+    pre = run(preprocess_job, capsys, "--lake", lake_dir, "--dataset", "syn", "--size", "16",
+              "--set", "preprocess.aux_attribute=dx", "--set", "preprocess.rows_per_row_group=8")
+    split = Path(pre["output"].removeprefix("file:")) / "split=train"
+    manifest = json.loads((split.parent / "manifest.json").read_text())
+    table = pq.read_table(split, columns=["image", "label", "aux"]).to_pydict()
+    written = sorted(zip([bytes(b) for b in table["image"]], table["label"], table["aux"]))
+    cw = {int(k): v for k, v in manifest["balancing"]["class_weight"].items()}
+    spec = {"train_url": f"file://{split}", "batch_size": 8, "shard_rows": len(written),
+            "shard_bytes": len(written) * 16 * 16 * 3, "class_weight": cw}
+
+    # every training row once: its label and class weight for one head, its aux class (weight 0 without) for the other
+    seen = []
+    for rank in (0, 1):
+        with training.training_batches(spec, rank, 2, seed=1, cache_mb=64, repeat=False, aux=True) as batches:
+            for x, y, w in batches.as_numpy_iterator():
+                assert set(y) == set(w) == {"malignant", "aux"} and x.dtype == np.uint8
+                assert np.allclose(w["malignant"], np.where(y["malignant"] > 0.5, cw[1], cw[0]))
+                for image, label, aux, weight in zip(x, y["malignant"], y["aux"], w["aux"]):
+                    seen.append((image, int(label), int(aux) if weight else -1))
+                    assert weight in (0.0, 1.0) and (weight or aux == 0)
+    import io
+    assert sorted((np.load(io.BytesIO(b)).tobytes(), label, aux) for b, label, aux in written) == sorted(
+        (image.tobytes(), label, aux) for image, label, aux in seen)
+    assert -1 in {aux for *_, aux in seen}
+
+    # the worker's model: two heads trained together, the malignant one alone kept
+    tcfg = config.TrainConfig(filters=(4,), dense_units=8, aux_weight=0.5)
+    assert training.check_aux(tcfg, manifest) == 3
+    tf.keras.utils.set_random_seed(1)
+    model = training.build_model(16, manifest["normalisation"]["mean"], manifest["normalisation"]["std"], tcfg)
+    fitted = training.compiled(model, tcfg, tf.keras.optimizers.Adam(0.01), 3)
+    assert [o.shape[-1] for o in fitted.outputs] == [1, 3] and len(model.outputs) == 1
+    before = training.weights_digest(model)
+    with training.training_batches(spec, 0, 1, seed=1, cache_mb=64, aux=True) as batches:
+        history = fitted.fit(batches, steps_per_epoch=4, epochs=2, verbose=0).history
+    assert {"loss", "malignant_loss", "aux_loss"} <= set(history)
+    # the total is the malignant loss plus aux_weight times the aux loss
+    assert history["loss"][-1] == pytest.approx(history["malignant_loss"][-1] + 0.5 * history["aux_loss"][-1],
+                                                rel=1e-4)
+    assert training.weights_digest(model) != before  # the kept model's layers were the ones trained
+    saved = tmp_path / "model.keras"
+    model.save(saved)
+    loaded = tf.keras.models.load_model(saved, safe_mode=True, compile=False)
+    assert len(loaded.outputs) == 1 and "aux" not in [layer.name for layer in loaded.layers]
+
+    # refused clearly: tensors without aux classes, a negative weight, mixup beside it
+    with pytest.raises(ConfigError, match="needs tensors made with preprocess.aux_attribute"):
+        training.check_aux(tcfg, {**manifest, "aux": None})
+    with pytest.raises(ConfigError, match="aux_weight must be >= 0"):
+        training.check_aux(config.TrainConfig(aux_weight=-1.0), manifest)
+    with pytest.raises(ConfigError, match="cannot both be on"):
+        training.check_aux(config.TrainConfig(aux_weight=0.5, mixup=0.2), manifest)
+    assert training.check_aux(config.TrainConfig(), {}) == 0
+
+
 def _numbers(value):
     """Every number inside nested dicts and lists."""
     if isinstance(value, bool):
@@ -220,13 +292,13 @@ def test_the_training_key_names_what_a_model_is_trained_from_and_not_how_fast():
               ("other", 1, manifest, tcfg, 2)]
     assert len({training.training_key(*args) for args in others} | {key}) == len(others) + 1
     # settings added later, at the value models had before them, leave those models' keys as they were
-    added = ("mixup", "label_smoothing", "rotation", "zoom", "brightness", "contrast")
+    added = ("mixup", "label_smoothing", "rotation", "zoom", "brightness", "contrast", "aux_weight")
     before = dataclasses.make_dataclass("TrainConfig", [
         (f.name, f.type, dataclasses.field(default=f.default)) for f in dataclasses.fields(tcfg)
         if f.name not in added])()
     assert training.training_key("syn", 1, manifest, before, 2) == key
     changes = ({"mixup": 0.2}, {"label_smoothing": 0.1}, {"rotation": 0.5}, {"zoom": 0.0}, {"brightness": 0.2},
-               {"contrast": 0.3})
+               {"contrast": 0.3}, {"aux_weight": 0.5})
     on = {training.training_key("syn", 1, manifest, dataclasses.replace(tcfg, **change), 2) for change in changes}
     assert len(on | {key}) == len(changes) + 1
 
@@ -403,14 +475,19 @@ def test_train_killed_at_three_seeded_moments_then_rerun_registers_the_one_model
         spark, tmp_path, capsys):
     folder, lake_dir = tmp_path / "in", tmp_path / "lake"
     synthetic.write_dataset(folder, groups=20, per_group=2, seed=5, malignant_every=2)
+    # with an auxiliary task (a dx column, as HAM10000's): two heads trained by Horovod, one registered
+    lines = (folder / "labels.csv").read_text().splitlines()
+    (folder / "labels.csv").write_text("\n".join([lines[0] + ",dx"] + [
+        f"{line},{('nv', 'mel', 'bkl')[i % 3]}" for i, line in enumerate(lines[1:])]) + "\n")
     run(ingest_job, capsys, "--lake", str(lake_dir), "--dataset", "syn", "--input", str(folder),
         "--labels", str(folder / "labels.csv"))
-    run(preprocess_job, capsys, "--lake", str(lake_dir), "--dataset", "syn", "--size", "16")
+    run(preprocess_job, capsys, "--lake", str(lake_dir), "--dataset", "syn", "--size", "16",
+        "--set", "preprocess.aux_attribute=dx")
     twin = tmp_path / "twin" / "lake"
     shutil.copytree(lake_dir, twin)
     settings = ["--master", "local[2]", "--dataset", "syn", "--epochs", "3", "--num-proc", "2", "--batch-size", "8",
                 "--set", "train.filters=[4, 8]", "--set", "train.dense_units=8",
-                "--set", "train.min_steps_per_epoch=5", "--set", "train.patience=10",
+                "--set", "train.min_steps_per_epoch=5", "--set", "train.patience=10", "--set", "train.aux_weight=0.5",
                 # auto precision: measured by the first attempt that gets there, then the same for all
                 "--set", f"train.precision_cache={tmp_path / 'precision.json'}"]
     args = ["--lake", str(lake_dir), *settings]
@@ -430,7 +507,9 @@ def test_train_killed_at_three_seeded_moments_then_rerun_registers_the_one_model
     # the model file is whole: its checksum (recorded at registration) holds, and Keras loads it
     checksums = json.loads((model_dir / "checksums.json").read_text())
     assert hashlib.sha256((model_dir / "model.keras").read_bytes()).hexdigest() == checksums["model.keras"]
-    registry.load_model(spark, lake.qualify(spark, str(model_dir)))
+    assert mine["aux"] == {"attribute": "dx", "classes": ["bkl", "mel", "nv"], "weight": 0.5}
+    assert {"malignant_loss", "aux_loss"} <= set(mine["history"]), reached
+    assert len(registry.load_model(spark, lake.qualify(spark, str(model_dir))).outputs) == 1
     # one run folder, the one that registered: the killed attempts' are deleted, and no scratch is left,
     # in the lake or in the ranks' local temporary folders
     runs = sorted((lake_dir / "models" / "syn" / "_runs").iterdir())

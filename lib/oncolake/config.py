@@ -94,6 +94,7 @@ class PreprocessConfig:
     reduced_decode: bool = True
     require_all_splits: bool = True
     shades_of_grey: int = 0
+    aux_attribute: str = ""
 
     def pixels(self) -> dict[str, bool | int]:
         """The pixel options :func:`oncolake.imaging.prepare` takes; recorded with tensors and models.
@@ -128,6 +129,7 @@ class TrainConfig:
     zoom: float = 0.1
     brightness: float = 0.1
     contrast: float = 0.1
+    aux_weight: float = 0.0
     profile_steps: int = 0
     cache_mb: int = 2048
     precision: str = "auto"

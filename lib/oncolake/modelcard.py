@@ -64,6 +64,11 @@ def render(dataset: str, version: int, record: dict[str, Any], manifest: dict[st
         lines.append("- regularisation: " + ", ".join(
             ([f"mixup, shares drawn from Beta({_f(hyper['mixup'])}, {_f(hyper['mixup'])})"] if hyper.get("mixup") else [])
             + ([f"label smoothing {_f(hyper['label_smoothing'])}"] if hyper.get("label_smoothing") else [])))
+    if record.get("aux"):
+        aux = record["aux"]
+        lines.append(f"- auxiliary task (training only): a second head learned `{aux['attribute']}` "
+                     f"({len(aux['classes'])} classes: {', '.join(aux['classes'])}), its loss weighted "
+                     f"{_f(aux['weight'])}; the registered model has the malignant output only")
     fitted = record.get("calibration") or {}
     if fitted.get("method", "none") != "none":
         lines.append(f"- calibration: {fitted['method']} scaling fitted on validation, a = {_f(fitted['a'])}, "

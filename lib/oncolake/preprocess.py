@@ -58,12 +58,13 @@ _NO_SUMS = (None,) * len(_SUMS)
 #: parquet-mr 1.13 (Spark 3.5) no longer reads: it checks a row group's size
 #: only from the page-size check's minimum, 100 rows, on.
 _ROW_GROUPS = {"parquet.summary.metadata.level": "NONE", "parquet.page.size.row.check.min": "3"}
-_TENSORS = ("image_id string, label int, group_id string, split string, image binary, keep boolean, first boolean, "
+_TENSORS = ("image_id string, label int, group_id string, split string, aux int, image binary, keep boolean, "
+            "first boolean, "
             "s0 double, s1 double, s2 double, q0 double, q1 double, q2 double, error string")
 
 
-def tensor_schema(size: int):
-    """The Petastorm Unischema of a tensor dataset of ``size`` x ``size`` images."""
+def tensor_schema(size: int, aux: bool = False):
+    """The Petastorm Unischema of a tensor dataset of ``size`` x ``size`` images (and their aux class)."""
     from petastorm.codecs import NdarrayCodec, ScalarCodec
     from petastorm.unischema import Unischema, UnischemaField
     return Unischema("OncolakeTensors", [
@@ -71,6 +72,7 @@ def tensor_schema(size: int):
         UnischemaField("label", np.int32, (), ScalarCodec(IntegerType()), False),
         UnischemaField("group_id", np.str_, (), ScalarCodec(StringType()), True),
         UnischemaField("image", np.uint8, (size, size, 3), NdarrayCodec(), False),
+        *([UnischemaField("aux", np.int32, (), ScalarCodec(IntegerType()), False)] if aux else []),
     ])
 
 
@@ -98,7 +100,7 @@ def run(spark: SparkSession, cfg: Config, dataset: str) -> dict[str, Any]:
               .filter(F.col("dataset") == dataset))
     # Not cached: counts and the digest read no image bytes (Parquet column pruning).
     return _run(spark, cfg, dataset, lake_uri, source_version,
-                _labelled(bronze, pcfg, cfg.ingest.modality(dataset)))
+                _labelled(bronze, pcfg, cfg.ingest.modality(dataset), pcfg.aux_attribute))
 
 
 def _step(name: str):
@@ -109,22 +111,31 @@ def _run(spark, cfg, dataset, lake_uri, source_version, labelled) -> dict[str, A
     pcfg = cfg.preprocess
     with _step("count labels and fingerprint"):
         # One pass over the small columns: images per label, and a digest of
-        # the labelled images that says whether an existing version holds them.
+        # the labelled images that says whether an existing version holds them
+        # (their aux attribute's values too, when the tensors carry it).
+        hashed = ("image_id", "label", "group_id", *(("aux_value",) if pcfg.aux_attribute else ()))
         rows = labelled.groupBy("label").agg(
             F.count("*").alias("count"),
-            F.sum(F.xxhash64("image_id", "label", "group_id").cast("decimal(38,0)")).alias("digest"),
-            F.collect_set("modality").alias("modalities"), F.max("size_bytes").alias("largest")).collect()
+            F.sum(F.xxhash64(*hashed).cast("decimal(38,0)")).alias("digest"),
+            F.collect_set("modality").alias("modalities"), F.max("size_bytes").alias("largest"),
+            F.collect_set(F.col("aux_value") if pcfg.aux_attribute else F.lit(None).cast("string")).alias("aux"),
+        ).collect()
         counts = {r["label"]: r["count"] for r in rows}
         modalities = sorted({m for r in rows if r["label"] is not None for m in r["modalities"]})
         largest = max(((r["largest"] or 0) for r in rows), default=0)
         sums = [r["digest"] for r in rows if r["label"] is not None]
         digest = str(sum(sums)) if sums else None  # as Spark renders the decimal(38,0) sum
         fingerprint = _fingerprint(pcfg, digest)
+        aux_classes = sorted({v for r in rows if r["label"] is not None for v in r["aux"]})
     unknown = counts.pop(None, 0)
     if not counts:
         raise DataQualityError(f"dataset {dataset} has no labelled images ({unknown} with unknown labels)")
     if len(counts) < 2:
         raise DataQualityError(f"dataset {dataset} has a single class ({counts}); need benign and malignant")
+    if pcfg.aux_attribute and len(aux_classes) < 2:
+        raise DataQualityError(f"preprocess.aux_attribute {pcfg.aux_attribute!r} takes {len(aux_classes)} value(s) "
+                               f"in dataset {dataset}'s labelled images ({aux_classes}); an auxiliary task needs 2 "
+                               f"or more (is it a column of the labels CSV?)")
     with _step("list versions"):
         lake.sweep_scratch(spark, lake.tensors_root(lake_uri, dataset))  # killed runs' _tmp-* folders
         versions = published_versions(spark, lake_uri, dataset)
@@ -135,7 +146,7 @@ def _run(spark, cfg, dataset, lake_uri, source_version, labelled) -> dict[str, A
             return _summary(dataset, version, lake.tensors_root(lake_uri, dataset), manifest, created=False)
 
     splits_uri = lake.table_uri(lake_uri, "silver.splits")
-    images = labelled.filter(F.col("label").isNotNull())
+    images = labelled.filter(F.col("label").isNotNull()).withColumn("aux", _aux_index(pcfg, aux_classes))
     # group -> split (and the group's images per label) is small: kept, so the
     # plan, the decode and the lineage see one assignment.
     assignment = _assign_splits(images.drop("content"), _prior_assignments(
@@ -159,7 +170,8 @@ def _run(spark, cfg, dataset, lake_uri, source_version, labelled) -> dict[str, A
             batch_rows = lake.arrow_batch_rows(largest, cfg.ingest.batch_mb)
             with lake.spark_conf(spark, {"spark.sql.execution.arrow.maxRecordsPerBatch": str(batch_rows)}):
                 tally = _write_tensors(spark, tmp, images.join(split_of, "group_key")
-                                       .withColumn("copies", copies), pcfg, expected, dataset, cfg.hdfs)
+                                       .withColumn("copies", copies), pcfg, expected, dataset, cfg.hdfs,
+                                       len(aux_classes))
         class_counts, failed = tally["class_counts"], tally["failed"]
         manifest = {
             "dataset": dataset, "version": version, "fingerprint": fingerprint,
@@ -171,6 +183,8 @@ def _run(spark, cfg, dataset, lake_uri, source_version, labelled) -> dict[str, A
             "balancing": _balance_info(class_counts["train"], tally["written"]["train"], pcfg),
             "normalisation": tally["normalisation"],
             "unknown_labels": unknown, "decode_failures": len(failed),
+            **({"aux": {"attribute": pcfg.aux_attribute, "classes": aux_classes,
+                        "train_counts": tally["aux_counts"]}} if pcfg.aux_attribute else {}),
             "label_mapping": {"1": list(pcfg.positive_labels), "0": list(pcfg.negative_labels)},
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
@@ -206,20 +220,38 @@ def _check(pcfg: PreprocessConfig) -> None:
         raise ConfigError(f"preprocess.balance must be one of {BALANCING}, got {pcfg.balance!r}")
     if pcfg.shades_of_grey < 0:
         raise ConfigError(f"preprocess.shades_of_grey must be 0 (off) or a norm >= 1, got {pcfg.shades_of_grey}")
+    if pcfg.aux_attribute and not re.fullmatch(r"[A-Za-z0-9_.-]+", pcfg.aux_attribute):
+        raise ConfigError(f"preprocess.aux_attribute must be a labels-CSV column name (letters, digits, _ . -) "
+                          f"or empty, got {pcfg.aux_attribute!r}")
     if pcfg.resize not in imaging.RESIZE_POLICIES:
         raise ConfigError(f"preprocess.resize must be one of {imaging.RESIZE_POLICIES}, got {pcfg.resize!r}")
     if not 8 <= pcfg.size <= 1024:
         raise ConfigError(f"preprocess.size must be between 8 and 1024, got {pcfg.size}")
 
 
-def _labelled(bronze: DataFrame, pcfg: PreprocessConfig, default_modality: str) -> DataFrame:
-    """Bronze rows with the label mapped to 1 (malignant), 0 (benign) or null (unknown)."""
+def _labelled(bronze: DataFrame, pcfg: PreprocessConfig, default_modality: str,
+              aux_attribute: str = "") -> DataFrame:
+    """Bronze rows with the label mapped to 1 (malignant), 0 (benign) or null (unknown).
+
+    With ``aux_attribute``, each row also carries that attribute's value
+    (``aux_value``; null where the labels CSV gave none).
+    """
     raw = F.lower(F.trim("label"))
     label = (F.when(raw.isin([v.lower() for v in pcfg.positive_labels]), 1)
              .when(raw.isin([v.lower() for v in pcfg.negative_labels]), 0))
+    aux = ([F.nullif(F.trim(F.col("attributes")[aux_attribute]), F.lit("")).alias("aux_value")]
+           if aux_attribute else [])
     return bronze.select("image_id", label.cast("int").alias("label"), "group_id", "content", "size_bytes",
                          F.coalesce("group_id", F.concat(F.lit("image:"), "image_id")).alias("group_key"),
-                         schema.modality(bronze, default_modality).alias("modality"))
+                         schema.modality(bronze, default_modality).alias("modality"), *aux)
+
+
+def _aux_index(pcfg: PreprocessConfig, classes: list[str]) -> Column:
+    """The image's aux class: its attribute value's index in ``classes`` (sorted); -1 without one."""
+    if not pcfg.aux_attribute:
+        return F.lit(-1)
+    index = F.create_map(*[x for i, c in enumerate(classes) for x in (F.lit(c), F.lit(i))])
+    return F.coalesce(index[F.col("aux_value")], F.lit(-1)).cast("int")
 
 
 def differences(manifest: dict[str, Any], pcfg: PreprocessConfig) -> dict[str, tuple[Any, Any]]:
@@ -236,7 +268,7 @@ def differences(manifest: dict[str, Any], pcfg: PreprocessConfig) -> dict[str, t
 
 
 #: Settings added since tensors were first fingerprinted: while off, they leave the fingerprint as it was.
-_ADDED_OFF = ("shades_of_grey",)
+_ADDED_OFF = ("shades_of_grey", "aux_attribute")
 
 
 def _fingerprint(pcfg: PreprocessConfig, digest: str | None) -> str:
@@ -308,7 +340,7 @@ def _tensor_batches(batches: Iterator[pd.DataFrame], size: int, policy: str,
     """
     import cv2
     cv2.setNumThreads(1)
-    names = ["image_id", "label", "group_id", "split"]
+    names = ["image_id", "label", "group_id", "split", "aux"]
     for batch in batches:
         index, images, keep, first, errors, sums = [], [], [], [], [], []
 
@@ -338,7 +370,7 @@ def _tensor_batches(batches: Iterator[pd.DataFrame], size: int, policy: str,
             for _ in range(copies - 1):
                 emit(i, image, True, False, None, _NO_SUMS)
         out = batch[names].iloc[index].reset_index(drop=True)
-        out["label"] = out["label"].astype("int32")
+        out["label"], out["aux"] = out["label"].astype("int32"), out["aux"].astype("int32")
         out["image"], out["keep"], out["first"] = images, keep, first
         out[list(_SUMS)] = pd.DataFrame(sums, columns=list(_SUMS), dtype="float64")
         out["error"] = errors
@@ -419,7 +451,7 @@ def _decode_input(spark: SparkSession, planned: DataFrame, rows: int, row_bytes:
 
 
 def _write_tensors(spark: SparkSession, tmp: str, planned: DataFrame, pcfg: PreprocessConfig, rows: int,
-                   dataset: str, hdfs: HdfsConfig) -> dict[str, Any]:
+                   dataset: str, hdfs: HdfsConfig, aux_classes: int = 0) -> dict[str, Any]:
     """Decode, balance and write the three splits under ``tmp`` in one pass; returns the tally.
 
     The tally (rows written and images per split and label, decode failures,
@@ -427,7 +459,8 @@ def _write_tensors(spark: SparkSession, tmp: str, planned: DataFrame, pcfg: Prep
     so nothing is read twice.
     """
     row_bytes = pcfg.size ** 2 * 3 + 128  # an npy tensor and its row's other columns
-    tensors = (_decode_input(spark, planned.select("image_id", "label", "group_id", "split", "content", "copies"),
+    tensors = (_decode_input(spark, planned.select("image_id", "label", "group_id", "split", "aux", "content",
+                                                   "copies"),
                              rows, row_bytes)
                .mapInPandas(lambda it: _tensor_batches(it, pcfg.size, pcfg.resize, pcfg.pixels()), _TENSORS))
     ok, train = F.col("error").isNull(), F.col("split") == "train"
@@ -444,17 +477,22 @@ def _write_tensors(spark: SparkSession, tmp: str, planned: DataFrame, pcfg: Prep
           for s, c in cells],
         *[F.sum(F.when(ok & F.col("first") & train, F.col(c))).alias(c) for c in _SUMS],
         # (a string: Observation hands arrays back as Java objects)
-        F.concat_ws(" ", F.collect_list(F.when(~ok, F.col("image_id")))).alias("failed"))
-    (tensors.filter(ok & F.col("keep")).select("image_id", "label", "group_id", "split", "image")
+        F.concat_ws(" ", F.collect_list(F.when(~ok, F.col("image_id")))).alias("failed"),
+        *[count(ok & F.col("first") & train & (F.col("aux") == k)).alias(f"aux_{k}")
+          for k in (range(-1, aux_classes) if pcfg.aux_attribute else ())])
+    aux = ("aux",) if pcfg.aux_attribute else ()
+    (tensors.filter(ok & F.col("keep")).select("image_id", "label", "group_id", "split", "image", *aux)
      .write.options(**_ROW_GROUPS, **{"parquet.block.size": str(pcfg.rows_per_row_group * row_bytes)})
      .partitionBy("split").parquet(tmp))
     seen = observation.get
     tally = {"written": {s: {c: seen[f"rows_{s}_{c}"] for c in ("0", "1")} for s in SPLITS},
              "class_counts": {s: {c: seen[f"images_{s}_{c}"] for c in ("0", "1")} for s in SPLITS},
              "failed": (seen["failed"] or "").split()}
+    if pcfg.aux_attribute:  # training images per aux class index (before balancing); -1: without a value
+        tally["aux_counts"] = {str(k): seen[f"aux_{k}"] for k in range(-1, aux_classes)}
     _check_filled(dataset, tally["written"], pcfg.require_all_splits)
     _petastorm_metadata(spark, tmp, [s for s in SPLITS if sum(tally["written"][s].values())],
-                        tensor_schema(pcfg.size), hdfs)
+                        tensor_schema(pcfg.size, aux=bool(pcfg.aux_attribute)), hdfs)
     if tally["failed"]:
         log.warning("%d images of %s failed to decode and were left out", len(tally["failed"]), dataset)
     tally["normalisation"] = _normalisation(seen, sum(tally["class_counts"]["train"].values()), pcfg.size)

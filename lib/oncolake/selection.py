@@ -99,7 +99,7 @@ def recalibrate_batch_norm(model, images: np.ndarray, *, batch_size: int = 64,
 def callback(val_images: np.ndarray, val_labels: np.ndarray, *, ema_decay: float = 0.0,
              batch_size: int = 64, gather: Callable = identity, average: Callable = identity,
              save_best: Callable[[Any], None] | None = None, best: dict[str, Any] | None = None,
-             bn_images: np.ndarray | None = None):
+             bn_images: np.ndarray | None = None, scored_model: Any = None):
     """A Keras callback selecting the best validation epoch (see the module docstring).
 
     ``val_images``/``val_labels`` are this process's share of the validation
@@ -110,6 +110,9 @@ def callback(val_images: np.ndarray, val_labels: np.ndarray, *, ema_decay: float
     run: ``{"epoch", "val_auc", "weights"}`` of the best epoch so far.
     ``bn_images`` (this process's share of training images): the scored
     weights' BatchNormalization statistics are recomputed on them first.
+    ``scored_model``: the model selected, averaged and scored when the model
+    trained is another that contains it (one with an auxiliary head); its
+    weights are the trained model's own variables.
     """
     import tensorflow as tf
 
@@ -124,6 +127,7 @@ def callback(val_images: np.ndarray, val_labels: np.ndarray, *, ema_decay: float
             self.started = False
 
         def set_model(self, model):
+            model = scored_model if scored_model is not None else model
             super().set_model(model)
             if ema_decay > 0 and not self.shadow:
                 if not all(w.dtype.is_floating for w in model.weights):

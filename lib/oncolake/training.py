@@ -94,6 +94,54 @@ def build_model(size: int, mean: list[float], std: list[float], tcfg: TrainConfi
     return tf.keras.Model(inputs, outputs, name=f"oncolake_{tcfg.architecture}")
 
 
+def with_aux_head(model, classes: int):
+    """A model to train: ``model``'s layers and output, and an auxiliary head.
+
+    The head (a softmax over ``classes``, named ``aux``) reads the features
+    the malignant output reads. Both share ``model``'s layers, so training
+    this trains ``model``, which alone is selected and registered.
+    """
+    import tensorflow as tf
+    features = model.get_layer("malignant").input
+    head = tf.keras.layers.Dense(classes, activation="softmax", name="aux", dtype="float32")(features)
+    return tf.keras.Model(model.inputs, [model.output, head], name=f"{model.name}_with_aux")
+
+
+def compiled(model, tcfg: TrainConfig, optimizer, aux_classes: int = 0):
+    """The model to fit, compiled: ``model`` itself, or with ``aux_classes`` an aux head on it.
+
+    The aux head's cross-entropy is weighted ``tcfg.aux_weight`` against the
+    malignant output's binary cross-entropy; ``model`` (the malignant output,
+    the same layers) is what is selected and saved either way.
+    """
+    import tensorflow as tf
+    loss = tf.keras.losses.BinaryCrossentropy(label_smoothing=tcfg.label_smoothing)
+    if not aux_classes:
+        model.compile(optimizer=optimizer, loss=loss, experimental_run_tf_function=False)
+        return model
+    fitted = with_aux_head(model, aux_classes)
+    fitted.compile(optimizer=optimizer, experimental_run_tf_function=False,
+                   loss={"malignant": loss, "aux": tf.keras.losses.SparseCategoricalCrossentropy()},
+                   loss_weights={"malignant": 1.0, "aux": tcfg.aux_weight})
+    return fitted
+
+
+def check_aux(tcfg: TrainConfig, manifest: dict[str, Any]) -> int:
+    """The number of aux classes the model learns beside malignant (0: none); a ConfigError if it cannot."""
+    if tcfg.aux_weight < 0:
+        raise ConfigError(f"train.aux_weight must be >= 0 (0: off), got {tcfg.aux_weight}")
+    if not tcfg.aux_weight:
+        return 0
+    if tcfg.mixup:
+        raise ConfigError("train.aux_weight and train.mixup cannot both be on: mixup mixes labels, "
+                          "and an aux class cannot be mixed")
+    aux = manifest.get("aux")
+    if not aux:
+        raise ConfigError(f"train.aux_weight={tcfg.aux_weight} needs tensors made with preprocess.aux_attribute; "
+                          f"tensors v{manifest.get('version')} carry no aux classes")
+    return len(aux["classes"])
+
+
 def check_augmentation(tcfg: TrainConfig) -> None:
     """A ConfigError unless each augmentation factor is one its Keras layer takes."""
     # rotation is a fraction of a full turn (0.5: any angle); zoom, brightness and contrast fractions of 1
@@ -319,9 +367,9 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
     scratch = _local_scratch(rank)
     try:
         model = build_model(spec["size"], spec["mean"], spec["std"], tcfg)
-        optimizer = hvd.DistributedOptimizer(tf.keras.optimizers.Adam(tcfg.learning_rate * size))
-        loss = tf.keras.losses.BinaryCrossentropy(label_smoothing=tcfg.label_smoothing)
-        model.compile(optimizer=optimizer, loss=loss, experimental_run_tf_function=False)
+        aux_classes = spec.get("aux_classes", 0)
+        fitted = compiled(model, tcfg, hvd.DistributedOptimizer(tf.keras.optimizers.Adam(tcfg.learning_rate * size)),
+                          aux_classes)
         filesystem = lake.petastorm_filesystem(spec["train_url"], spec["hdfs"])
         # Each rank scores its own shard of the validation split; the scores are gathered.
         _, val_images, val_labels = evaluation.read_split(spec["val_url"], filesystem, shard=(rank, size))
@@ -340,14 +388,14 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
                 best = {"epoch": state["best_epoch"], "val_auc": state["best_val_auc"],
                         "weights": model.get_weights()}
             fs.get(f"{run_path}/{CHECKPOINT}", str(scratch / CHECKPOINT))
-            model.load_weights(scratch / CHECKPOINT)
+            fitted.load_weights(scratch / CHECKPOINT)
         clock = _train_clock()
         chooser = selection.callback(
             val_images, val_labels, ema_decay=tcfg.ema_decay, batch_size=spec["batch_size"] * 2,
             gather=lambda t: hvd_tf.allgather(t, name="val_gather"),
             average=lambda t: hvd_tf.allreduce(t, op=hvd_tf.Average, name="ema_average"),
             save_best=(lambda m: m.save_weights(scratch / BEST)) if rank == 0 else None, best=best,
-            bn_images=bn_images)
+            bn_images=bn_images, scored_model=model if fitted is not model else None)
         callbacks = [
             clock,
             hvd.callbacks.BroadcastGlobalVariablesCallback(0),
@@ -374,12 +422,12 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
         start = time.perf_counter()
         with training_batches(spec, rank, size, tcfg.seed, tcfg.cache_mb, filesystem,
-                              mixup=tcfg.mixup) as train:
-            # mixed batches carry their class weights as sample weights (mixed like the labels)
-            history = model.fit(train, steps_per_epoch=spec["steps_per_epoch"], epochs=spec["epochs"],
-                                initial_epoch=initial_epoch,
-                                class_weight=None if tcfg.mixup else spec["class_weight"],
-                                callbacks=callbacks, verbose=2 if rank == 0 else 0)
+                              mixup=tcfg.mixup, aux=bool(aux_classes)) as train:
+            # mixed batches, and batches for two heads, carry their class weights as sample weights
+            history = fitted.fit(train, steps_per_epoch=spec["steps_per_epoch"], epochs=spec["epochs"],
+                                 initial_epoch=initial_epoch,
+                                 class_weight=None if tcfg.mixup or aux_classes else spec["class_weight"],
+                                 callbacks=callbacks, verbose=2 if rank == 0 else 0)
         seconds = time.perf_counter() - start
         result = {"rank": rank, "size": size, "digest": weights_digest(model), "seconds": seconds,
                   "epoch_train_seconds": clock.seconds,
@@ -409,7 +457,7 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def training_batches(spec: dict[str, Any], rank: int, size: int, seed: int, cache_mb: int, filesystem=None,
-                     repeat: bool = True, mixup: float = 0.0):
+                     repeat: bool = True, mixup: float = 0.0, aux: bool = False):
     """This rank's endless stream of shuffled (uint8 images, float32 labels) batches.
 
     Each rank reads its own shard of the training split through Petastorm
@@ -422,17 +470,25 @@ def training_batches(spec: dict[str, Any], rank: int, size: int, seed: int, cach
 
     ``mixup`` > 0: each batch is mixed with itself in a shuffled order
     (:func:`mix_batch`), and batches are (images, labels, sample weights).
+
+    ``aux``: the tensors' aux class is read too, and batches are (images,
+    {malignant: labels, aux: classes}, {malignant: class weights, aux: 1, or
+    0 for an image without an aux class}).
     """
     import tensorflow as tf
     from petastorm import make_reader
     from petastorm.tf_utils import make_petastorm_dataset
 
     cached = spec["shard_bytes"] <= cache_mb * 2 ** 20
-    with make_reader(spec["train_url"], schema_fields=["image", "label"],
+    with make_reader(spec["train_url"], schema_fields=["image", "label", *(["aux"] if aux else [])],
                      num_epochs=1 if cached or not repeat else None,
                      cur_shard=rank, shard_count=size, shuffle_row_groups=True, seed=seed + rank,
                      reader_pool_type="dummy", filesystem=filesystem) as reader:
-        batches = make_petastorm_dataset(reader).map(lambda row: (row.image, tf.cast(row.label, tf.float32)))
+        if aux:
+            weights = spec.get("class_weight") or {0: 1.0, 1: 1.0}
+            batches = make_petastorm_dataset(reader).map(partial(_two_heads, class_weight=(weights[0], weights[1])))
+        else:
+            batches = make_petastorm_dataset(reader).map(lambda row: (row.image, tf.cast(row.label, tf.float32)))
         if cached:
             batches = batches.cache().shuffle(spec["shard_rows"], seed=seed + rank)
             batches = batches.repeat() if repeat else batches
@@ -444,6 +500,16 @@ def training_batches(spec: dict[str, Any], rank: int, size: int, seed: int, cach
             mix = partial(mix_batch, alpha=mixup, seed=seed * 1000 + rank, class_weight=(weights[0], weights[1]))
             batches = batches.enumerate().map(lambda step, batch: mix(step, *batch))
         yield batches.prefetch(2)
+
+
+def _two_heads(row, *, class_weight: tuple[float, float]):
+    """One tensor row as (image, targets, sample weights) for a model with an aux head."""
+    import tensorflow as tf
+    label = tf.cast(row.label, tf.float32)
+    known = row.aux >= 0
+    return (row.image, {"malignant": label, "aux": tf.maximum(row.aux, 0)},
+            {"malignant": tf.where(label > 0.5, class_weight[1], class_weight[0]),
+             "aux": tf.cast(known, tf.float32)})
 
 
 def mix_batch(step, images, labels, *, alpha: float, seed: int, class_weight: tuple[float, float]):
@@ -499,7 +565,8 @@ def _save_progress(fs, run_path: str, scratch: Path, state: dict[str, Any]) -> N
 _SPEED_ONLY = ("profile_steps", "cache_mb", "precision_cache")
 #: Train settings added since the first models, with the value every model had before:
 #: at that value they are left out of the key, so those models are found again.
-_ADDED = {"mixup": 0.0, "label_smoothing": 0.0, "rotation": 0.1, "zoom": 0.1, "brightness": 0.1, "contrast": 0.1}
+_ADDED = {"mixup": 0.0, "label_smoothing": 0.0, "rotation": 0.1, "zoom": 0.1, "brightness": 0.1, "contrast": 0.1,
+          "aux_weight": 0.0}
 
 
 def training_key(dataset: str, tensors_version: int, manifest: dict[str, Any], tcfg: TrainConfig,
@@ -545,6 +612,7 @@ def run(spark: SparkSession, cfg: Config, dataset: str, tensors_version: int | N
     if tcfg.bn_images < 0:
         raise ConfigError(f"train.bn_images must be >= 0, got {tcfg.bn_images}")
     check_augmentation(tcfg)
+    aux_classes = check_aux(tcfg, manifest)
     slots = spark.sparkContext.defaultParallelism
     num_proc = tcfg.num_proc or slots
     if num_proc > slots:
@@ -579,6 +647,7 @@ def run(spark: SparkSession, cfg: Config, dataset: str, tensors_version: int | N
         # a shuffle buffer of the whole split holds any shard entirely
         "shard_rows": n_train,
         "shard_bytes": math.ceil(n_train / num_proc) * manifest["size"] ** 2 * 3,
+        "aux_classes": aux_classes,
         "run_uri": run_uri, "resume": resume,
         "hdfs": cfg.hdfs,
     }
@@ -616,6 +685,8 @@ def run(spark: SparkSession, cfg: Config, dataset: str, tensors_version: int | N
         "weights_digests": sorted({r["digest"] for r in results}),
         "placement": {str(r["rank"]): r["placement"] for r in results},
         **({"profile": chief["profile"]} if "profile" in chief else {}),
+        **({"aux": {"attribute": manifest["aux"]["attribute"], "classes": manifest["aux"]["classes"],
+                    "weight": tcfg.aux_weight}} if aux_classes else {}),
     }
     model_file = chief["model"]
     if tcfg.calibration != "none":
