@@ -63,7 +63,10 @@ def test_repository_configuration_loads_for_every_env():
         ham = config.load("local", dataset=name)
         assert (ham.preprocess.size, ham.train.epochs, ham.train.patience) == (96, 45, 12)
         assert ham.preprocess.shades_of_grey == 6
-    assert config.load("local", dataset="busi").preprocess.shades_of_grey == 0
+    busi = config.load("local", dataset="busi")
+    assert busi.preprocess.shades_of_grey == 0
+    assert (busi.preprocess.aux_attribute, busi.train.aux_weight) == ("diagnosis", 0.5)
+    assert (config.load("local").preprocess.aux_attribute, config.load("local").train.aux_weight) == ("", 0.0)
 
 
 def test_describe_hides_secrets():

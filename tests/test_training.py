@@ -510,6 +510,15 @@ def test_train_killed_at_three_seeded_moments_then_rerun_registers_the_one_model
     assert mine["aux"] == {"attribute": "dx", "classes": ["bkl", "mel", "nv"], "weight": 0.5}
     assert {"malignant_loss", "aux_loss"} <= set(mine["history"]), reached
     assert len(registry.load_model(spark, lake.qualify(spark, str(model_dir))).outputs) == 1
+    # the model card says so, from the record
+    from oncolake import modelcard
+    result = {"auc": 0.5, "auc_ci95": [0.1, 0.9], "n": 9, "positives": 4, "sensitivity": 0.5,
+              "sensitivity_ci95": [0.1, 0.9], "specificity": 0.5, "specificity_ci95": [0.1, 0.9],
+              "balanced_accuracy": 0.5, "ece": 0.1, "brier": 0.25}
+    manifest = json.loads((lake_dir / "silver" / "tensors" / "syn" / "v1" / "manifest.json").read_text())
+    card = modelcard.render("syn", 1, mine, manifest, {"threshold": 0.5, "threshold_rule": "youden", "test": result})
+    assert ("- auxiliary task (training only): a second head learned `dx` (3 classes: bkl, mel, nv), its loss "
+            "weighted 0.500; the registered model has the malignant output only\n") in card
     # one run folder, the one that registered: the killed attempts' are deleted, and no scratch is left,
     # in the lake or in the ranks' local temporary folders
     runs = sorted((lake_dir / "models" / "syn" / "_runs").iterdir())
