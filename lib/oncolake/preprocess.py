@@ -59,8 +59,7 @@ _NO_SUMS = (None,) * len(_SUMS)
 #: only from the page-size check's minimum, 100 rows, on.
 _ROW_GROUPS = {"parquet.summary.metadata.level": "NONE", "parquet.page.size.row.check.min": "3"}
 _TENSORS = ("image_id string, label int, group_id string, split string, aux int, image binary, keep boolean, "
-            "first boolean, "
-            "s0 double, s1 double, s2 double, q0 double, q1 double, q2 double, error string")
+            "first boolean, s0 double, s1 double, s2 double, q0 double, q1 double, q2 double, error string")
 
 
 def tensor_schema(size: int, aux: bool = False):

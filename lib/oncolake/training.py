@@ -138,7 +138,8 @@ def check_aux(tcfg: TrainConfig, manifest: dict[str, Any]) -> int:
     aux = manifest.get("aux")
     if not aux:
         raise ConfigError(f"train.aux_weight={tcfg.aux_weight} needs tensors made with preprocess.aux_attribute; "
-                          f"tensors v{manifest.get('version')} carry no aux classes")
+                          f"tensors v{manifest.get('version')} carry no aux classes (run preprocess with "
+                          f"it first, or set train.aux_weight=0)")
     return len(aux["classes"])
 
 
