@@ -75,6 +75,23 @@ def lake(tmp_path) -> str:
     return str(tmp_path / "lake")
 
 
+def with_column(labels_csv: Path, name: str, value_of) -> dict[str, str]:
+    """Add (or replace) column ``name`` of a labels CSV, ``value_of(row number, row)`` for each row.
+
+    Returns path -> value, as written.
+    """
+    import csv
+    with open(labels_csv, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for i, row in enumerate(rows):
+        row[name] = value_of(i, row)
+    with open(labels_csv, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return {row["path"]: row[name] for row in rows}
+
+
 def last_json(text: str) -> dict:
     """The job summary: the last line of stdout, parsed."""
     lines = [line for line in text.strip().splitlines() if line.strip()]

@@ -17,7 +17,7 @@ from jobs import ingest as ingest_job
 from jobs import preprocess as preprocess_job
 from oncolake import lake as lakefs
 from oncolake import cli, config, imaging, preprocess, synthetic
-from tests.conftest import last_json, shared_dataset
+from tests.conftest import last_json, shared_dataset, with_column
 
 
 def run(job, capsys, *args):
@@ -230,22 +230,11 @@ def test_colour_constancy_is_made_recorded_and_replayed_and_off_keeps_the_old_fi
 
 
 def test_an_aux_attribute_becomes_each_tensors_class_index_and_off_keeps_the_old_fingerprint(spark, tmp_path, capsys):
-    import csv
     folder, lake = tmp_path / "in", str(tmp_path / "lake")
     make_folder(folder, groups=12, per_group=2, seed=9, malignant_every=3)
-    with open(folder / "labels.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
     # a 7-class-like attribute of the labels CSV, as HAM10000's dx; one image without a value
     kinds = ["nv", "mel", "bkl", "bcc"]
-    for i, row in enumerate(rows):
-        row["dx"] = "" if i == 5 else kinds[i % len(kinds)]
-
-    def write_labels():
-        with open(folder / "labels.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    write_labels()
+    dx = with_column(folder / "labels.csv", "dx", lambda i, _: "" if i == 5 else kinds[i % len(kinds)])
     ingest(capsys, lake, folder, "aux")
     argv = ("--lake", lake, "--dataset", "aux", "--size", "16")
     code, plain, err = run(preprocess_job, capsys, *argv)
@@ -257,13 +246,12 @@ def test_an_aux_attribute_becomes_each_tensors_class_index_and_off_keeps_the_old
     assert manifest["aux"]["attribute"] == "dx" and manifest["aux"]["classes"] == classes
     ids = {r.image_id: r.relative_path for r in spark.read.format("delta").load(
         lakefs.table_uri(lakefs.qualify(spark, lake), "bronze.images")).collect()}
-    dx = {row["path"]: row["dx"] for row in rows}
     seen, train = {}, {}
     for row in tensor_rows(out):
         value = dx[ids[row.image_id]]
         assert row.aux == (classes.index(value) if value else -1), (row.image_id, value)
         seen[row.image_id] = row.aux
-    assert len(seen) == len(rows) and -1 in seen.values()
+    assert len(seen) == len(dx) and -1 in seen.values()
     for image_id, (_, split, _) in splits_of(spark, lake, "aux", 2).items():
         if split == "train":
             train[str(seen[image_id])] = train.get(str(seen[image_id]), 0) + 1
@@ -280,8 +268,8 @@ def test_an_aux_attribute_becomes_each_tensors_class_index_and_off_keeps_the_old
     code, again, err = run(preprocess_job, capsys, *argv)
     assert code == 0 and (again["version"], again["created"]) == (1, False), err
     # the attribute's values are part of what a version holds: one image's dx changed makes a new one
-    rows[0]["dx"] = "df"
-    write_labels()
+    first = min(dx)
+    with_column(folder / "labels.csv", "dx", lambda _, row: "df" if row["path"] == first else row["dx"])
     ingest(capsys, lake, folder, "aux", date="2026-03-02")
     code, changed, err = run(preprocess_job, capsys, *argv, "--set", "preprocess.aux_attribute=dx")
     assert code == 0 and (changed["version"], changed["created"]) == (3, True), err

@@ -18,7 +18,7 @@ from jobs import ingest as ingest_job
 from jobs import preprocess as preprocess_job
 from oncolake import config, imaging, lake, registry, synthetic, training
 from oncolake.errors import ConfigError
-from tests.conftest import ROOT, killed_three_times_then_rerun, last_json, no_leftovers
+from tests.conftest import ROOT, killed_three_times_then_rerun, last_json, no_leftovers, with_column
 
 
 def test_model_takes_uint8_and_normalises_inside():
@@ -174,19 +174,11 @@ def test_input_pipeline_feeds_every_training_image_in_uint8_batches(spark, tmp_p
 
 def test_an_aux_head_learns_the_tensors_aux_class_beside_malignant_and_only_malignant_is_kept(
         spark, tmp_path, capsys):
-    import csv
-
     import tensorflow as tf
     folder, lake_dir = tmp_path / "in", str(tmp_path / "lake")
     synthetic.write_dataset(folder, groups=24, per_group=2, seed=6, malignant_every=3)
-    with open(folder / "labels.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    for i, row in enumerate(rows):  # three kinds; one image in seven without one
-        row["dx"] = "" if i % 7 == 2 else ("mel", "nv", "bkl")[i % 3]
-    with open(folder / "labels.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    # three kinds; one image in seven without one
+    with_column(folder / "labels.csv", "dx", lambda i, _: "" if i % 7 == 2 else ("mel", "nv", "bkl")[i % 3])
     run(ingest_job, capsys, "--lake", lake_dir, "--dataset", "syn", "--input", str(folder),
         "--labels", str(folder / "labels.csv"))
     pre = run(preprocess_job, capsys, "--lake", lake_dir, "--dataset", "syn", "--size", "16",
@@ -476,9 +468,7 @@ def test_train_killed_at_three_seeded_moments_then_rerun_registers_the_one_model
     folder, lake_dir = tmp_path / "in", tmp_path / "lake"
     synthetic.write_dataset(folder, groups=20, per_group=2, seed=5, malignant_every=2)
     # with an auxiliary task (a dx column, as HAM10000's): two heads trained by Horovod, one registered
-    lines = (folder / "labels.csv").read_text().splitlines()
-    (folder / "labels.csv").write_text("\n".join([lines[0] + ",dx"] + [
-        f"{line},{('nv', 'mel', 'bkl')[i % 3]}" for i, line in enumerate(lines[1:])]) + "\n")
+    with_column(folder / "labels.csv", "dx", lambda i, _: ("nv", "mel", "bkl")[i % 3])
     run(ingest_job, capsys, "--lake", str(lake_dir), "--dataset", "syn", "--input", str(folder),
         "--labels", str(folder / "labels.csv"))
     run(preprocess_job, capsys, "--lake", str(lake_dir), "--dataset", "syn", "--size", "16",
