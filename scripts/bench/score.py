@@ -38,14 +38,18 @@ def _measure(spark, cfg, work: Path, args) -> dict:
     """The benchmark's runs in ``work`` (a scratch folder); returns the figures."""
     from pyspark.sql import functions as F
     data = Path(args.data).resolve()
-    size, policy = cfg.preprocess.size, cfg.preprocess.resize
+    # the model is recorded as training records it: size, resize policy and
+    # pixel options (reduced decoding, colour constancy) from the configuration,
+    # so `--set preprocess.size=96 --set preprocess.shades_of_grey=6` times
+    # HAM10000's default model; the baselines decode with the same options
+    size, policy, pixels = cfg.preprocess.size, cfg.preprocess.resize, cfg.preprocess.pixels()
     full = dataclasses.replace(cfg, lake=str(work / "full"))
     ingest.run(spark, full, dataset="bench", source=str(data), labels=str(data / "labels.csv"),
                ingest_date="2026-01-01")
     model = training.build_model(size, [128.0] * 3, [64.0] * 3, cfg.train)
     model.save(work / "model.keras")
     files = {"model.keras": (work / "model.keras").read_bytes(),
-             "model.json": json.dumps({"size": size, "resize": policy}).encode(),
+             "model.json": json.dumps({"size": size, "resize": policy, "pixels": pixels}).encode(),
              "metrics.json": json.dumps({"threshold": 0.5}).encode()}
 
     def register(lake_dir: str) -> None:
@@ -57,13 +61,14 @@ def _measure(spark, cfg, work: Path, args) -> dict:
     timed_job = _time(lambda: _rescore(spark, full))
 
     blobs = [bytes(r.content) for r in bronze.select("content").collect()]
-    tensors = np.stack([imaging.prepare(b, size, policy) for b in blobs])
+    tensors = np.stack([imaging.prepare(b, size, policy, **pixels) for b in blobs])
     loaded = registry.load_model_bytes(files["model.keras"])
     loaded.predict(tensors[:64], verbose=0)
     bare_s = _time(lambda: loaded.predict(tensors, batch_size=cfg.score.batch_size, verbose=0))
     del blobs, tensors
 
-    udf_s = _time(lambda: _predict_batch_udf(bronze, files["model.keras"], size, policy, cfg.score.batch_size))
+    udf_s = _time(lambda: _predict_batch_udf(bronze, files["model.keras"], size, policy, pixels,
+                                             cfg.score.batch_size))
 
     dated = bronze.withColumn("ingest_date", F.expr("date_add(DATE'2026-01-01', CAST(pmod(xxhash64(image_id), 31) AS INT))"))
     history = dataclasses.replace(cfg, lake=str(work / "history"))
@@ -84,7 +89,7 @@ def _measure(spark, cfg, work: Path, args) -> dict:
     rates = {"score_job": images / timed_job, "bare_predict": images / bare_s, "predict_batch_udf": images / udf_s}
     ceiling = profiling.compute_ceiling()
     forward = profiling.training_flops(model)["forward"]
-    return {"bench": "score", "images": images, "size": size,
+    return {"bench": "score", "images": images, "size": size, "pixels": pixels,
             "score_job_images_per_s": round(rates["score_job"], 1),
             "bare_predict_images_per_s": round(rates["bare_predict"], 1),
             "predict_batch_udf_images_per_s": round(rates["predict_batch_udf"], 1),
@@ -115,7 +120,8 @@ def _rescore(spark, cfg) -> None:
     scoring.run(spark, cfg, dataset="bench", score_all=True)
 
 
-def _predict_batch_udf(bronze, model_bytes: bytes, size: int, policy: str, batch_size: int) -> None:
+def _predict_batch_udf(bronze, model_bytes: bytes, size: int, policy: str, pixels: dict,
+                       batch_size: int) -> None:
     """Spark's own batch inference: decode with the same function, then predict_batch_udf."""
     import pandas as pd
     from pyspark.ml.functions import predict_batch_udf
@@ -124,7 +130,8 @@ def _predict_batch_udf(bronze, model_bytes: bytes, size: int, policy: str, batch
 
     @F.pandas_udf(ArrayType(FloatType()))
     def decode(content: pd.Series) -> pd.Series:
-        return pd.Series([imaging.prepare(bytes(c), size, policy).ravel().astype(np.float32) for c in content])
+        return pd.Series([imaging.prepare(bytes(c), size, policy, **pixels).ravel().astype(np.float32)
+                          for c in content])
 
     def make_predict_fn():
         model = registry.load_model_bytes(model_bytes)
