@@ -1,8 +1,9 @@
 """Benchmark the scoring job against bare predict, predict_batch_udf, and itself incrementally.
 
 Set-up (not timed): ingest --data into a fresh lake and register an untrained
-model of the configured architecture (scoring cost does not depend on the
-weights). Measured, in this one invocation:
+model of the configured architecture, recorded with the configured size,
+resize policy and pixel options as training records them (scoring cost does
+not depend on the weights). Measured, in this one invocation:
 
 - the score job over every image (decode, predict, MERGE into gold.predictions);
 - bare ``model.predict`` on the already decoded tensors in one process (the ceiling);
@@ -13,6 +14,7 @@ weights). Measured, in this one invocation:
   FLOPs per image x the job's rate over it is ``fraction_of_matmul_ceiling``.
 
     scripts/bench.sh score [--data ../shared/data/ham10000]
+    scripts/bench.sh score --set preprocess.size=96 --set preprocess.shades_of_grey=6   # HAM10000's default model
 """
 import dataclasses
 import json
