@@ -284,15 +284,32 @@ def test_the_training_key_names_what_a_model_is_trained_from_and_not_how_fast():
               ("other", 1, manifest, tcfg, 2)]
     assert len({training.training_key(*args) for args in others} | {key}) == len(others) + 1
     # settings added later, at the value models had before them, leave those models' keys as they were
-    added = ("mixup", "label_smoothing", "rotation", "zoom", "brightness", "contrast", "aux_weight")
+    added = ("mixup", "label_smoothing", "rotation", "zoom", "brightness", "contrast", "aux_weight", "lr_schedule")
     before = dataclasses.make_dataclass("TrainConfig", [
         (f.name, f.type, dataclasses.field(default=f.default)) for f in dataclasses.fields(tcfg)
         if f.name not in added])()
     assert training.training_key("syn", 1, manifest, before, 2) == key
     changes = ({"mixup": 0.2}, {"label_smoothing": 0.1}, {"rotation": 0.5}, {"zoom": 0.0}, {"brightness": 0.2},
-               {"contrast": 0.3}, {"aux_weight": 0.5})
+               {"contrast": 0.3}, {"aux_weight": 0.5}, {"lr_schedule": "cosine"})
     on = {training.training_key("syn", 1, manifest, dataclasses.replace(tcfg, **change), 2) for change in changes}
     assert len(on | {key}) == len(changes) + 1
+
+
+def test_cosine_schedule_falls_by_half_a_cosine_from_the_peak_over_the_epochs():
+    peak, epochs = 0.002, 45
+    rates = [training.cosine_rate(epoch, epochs, peak) for epoch in range(epochs)]
+    assert rates[0] == peak
+    # the middle epoch of an even count sits at half the peak: cos(pi / 2) = 0
+    assert training.cosine_rate(5, 10, peak) == pytest.approx(peak / 2)
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    # the last epoch: (1 + cos(44 pi / 45)) / 2 = sin(pi / 90) ** 2, about 0.12 % of the peak
+    assert rates[-1] == pytest.approx(peak * np.sin(np.pi / 90) ** 2)
+
+
+def test_an_unknown_learning_rate_schedule_is_refused_before_any_work(spark, tmp_path):
+    cfg = config.load("local", overrides=[f"lake={tmp_path / 'lake'}", "train.lr_schedule=step"])
+    with pytest.raises(ConfigError, match="train.lr_schedule must be one of"):  # not "no tensor dataset"
+        training.run(spark, cfg, "syn")
 
 
 def test_mixup_mixes_each_image_label_and_class_weight_with_one_draw():
@@ -340,7 +357,7 @@ def test_horovod_two_ranks_train_one_epoch_with_identical_weights(spark, tmp_pat
                      "--set", "train.dense_units=8", "--set", "train.min_steps_per_epoch=5",
                      "--set", "train.patience=10", "--set", f"train.precision_cache={cache}",
                      "--set", "train.mixup=0.2", "--set", "train.label_smoothing=0.05",
-                     "--set", "train.rotation=0.5", "--set", "train.contrast=0")
+                     "--set", "train.rotation=0.5", "--set", "train.contrast=0", "--set", "train.lr_schedule=cosine")
     assert (summary["num_proc"], summary["epochs_run"], summary["model_version"]) == (2, 3, 1)
     assert (summary["precision"], summary["precision_chosen_by"]) == ("mixed_bfloat16", "cache")
     assert summary["already_registered"] is False
@@ -354,6 +371,8 @@ def test_horovod_two_ranks_train_one_epoch_with_identical_weights(spark, tmp_pat
     record = json.loads((model_dir / "model.json").read_text())
     assert len(record["weights_digests"]) == 1 and record["tensors_version"] == 1
     assert (record["hyperparameters"]["mixup"], record["hyperparameters"]["label_smoothing"]) == (0.2, 0.05)
+    # cosine: 0.001 x 2 ranks, then x (1 + cos(pi / 3)) / 2 = 0.75 and x (1 + cos(2 pi / 3)) / 2 = 0.25
+    assert record["history"]["lr"] == pytest.approx([0.002, 0.0015, 0.0005])
     # what the guard in scoring checks: the tensors' modalities (synthetic PNGs: the default)
     assert record["modalities"] == ["unspecified"] and record["pixels"]["mammo_crop"] is True
     assert record["pixels"]["shades_of_grey"] == 6  # the tensors' colour constancy, replayed wherever it scores
@@ -435,6 +454,7 @@ def test_horovod_two_ranks_train_one_epoch_with_identical_weights(spark, tmp_pat
     assert f"epoch {record['best_epoch']} (validation ROC AUC {record['best_val_auc']:.3f})" in card
     assert "no substitute for a clinician" in card
     assert "regularisation: mixup, shares drawn from Beta(0.200, 0.200), label smoothing 0.050" in card
+    assert "- optimiser: Adam, learning rate 0.001 per Horovod process, half a cosine down to near 0 over 3 epochs\n" in card
     assert "colour constancy: shades of grey (Minkowski p = 6)" in card
     assert ("augmentation (training only): random flips, rotation up to 0.500 of a turn, zoom up to 0.100, "
             "brightness up to 0.100\n") in card
@@ -452,8 +472,11 @@ def test_horovod_two_ranks_train_one_epoch_with_identical_weights(spark, tmp_pat
                      "--num-proc", "2", "--batch-size", "8", "--set", "train.filters=[4, 8]",
                      "--set", "train.dense_units=8", "--set", "train.patience=10", "--resume",
                      "--set", f"train.precision_cache={cache}", "--set", "train.mixup=0.2",
-                     "--set", "train.label_smoothing=0.05")
+                     "--set", "train.label_smoothing=0.05", "--set", "train.lr_schedule=cosine")
     assert (resumed["resumed_from_epoch"], resumed["epochs_run"], resumed["model_version"]) == (3, 1, 2)
+    # the resumed epoch's rate is the fourth of four: 0.002 x (1 + cos(3 pi / 4)) / 2
+    resumed_record = json.loads((Path(resumed["model_uri"].removeprefix("file:")) / "model.json").read_text())
+    assert resumed_record["history"]["lr"] == pytest.approx([0.002 * (1 - 2 ** -0.5) / 2])
     assert (resumed["precision"], resumed["precision_chosen_by"]) == ("mixed_bfloat16", "resumed run")
     assert resumed["ranks_identical"] is True
     assert resumed["best_val_auc"] >= record["best_val_auc"]
@@ -509,6 +532,7 @@ def test_train_killed_at_three_seeded_moments_then_rerun_registers_the_one_model
     card = modelcard.render("syn", 1, mine, manifest, {"threshold": 0.5, "threshold_rule": "youden", "test": result})
     assert ("- auxiliary task (training only): a second head learned `dx` (3 classes: bkl, mel, nv), its loss "
             "weighted 0.500; the registered model has the malignant output only\n") in card
+    assert "- optimiser: Adam, learning rate 0.001 per Horovod process, halved whenever the validation AUC stalled" in card
     # one run folder, the one that registered: the killed attempts' are deleted, and no scratch is left,
     # in the lake or in the ranks' local temporary folders
     runs = sorted((lake_dir / "models" / "syn" / "_runs").iterdir())

@@ -118,6 +118,7 @@ class TrainConfig:
     epochs: int = 30
     batch_size: int = 32
     learning_rate: float = 0.001
+    lr_schedule: str = "plateau"
     num_proc: int = 0
     patience: int = 8
     min_steps_per_epoch: int = 20

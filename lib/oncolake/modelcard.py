@@ -60,6 +60,14 @@ def render(dataset: str, version: int, record: dict[str, Any], manifest: dict[st
     lines.append("- augmentation (training only): random flips" + "".join(
         f", {name} up to {_f(value)}" + (" of a turn" if name == "rotation" else "")
         for name, value in factors.items() if value))
+    if "learning_rate" in hyper:
+        # models from before train.lr_schedule existed halved theirs on a plateau
+        schedule = (f"half a cosine down to near 0 over {hyper['epochs']} epochs"
+                    if hyper.get("lr_schedule") == "cosine" else
+                    f"halved whenever the validation AUC stalled for half the early-stopping patience "
+                    f"({hyper['patience']} epochs)")
+        lines.append(f"- optimiser: Adam, learning rate {_f(hyper['learning_rate'])} per Horovod process, "
+                     f"{schedule}")
     if hyper.get("mixup") or hyper.get("label_smoothing"):
         lines.append("- regularisation: " + ", ".join(
             ([f"mixup, shares drawn from Beta({_f(hyper['mixup'])}, {_f(hyper['mixup'])})"] if hyper.get("mixup") else [])

@@ -38,6 +38,7 @@ from oncolake.errors import ConfigError, DataQualityError
 log = logging.getLogger(__name__)
 
 ARCHITECTURES = ("cnn3", "separable")
+LR_SCHEDULES = ("plateau", "cosine")
 CHECKPOINT = "last.weights.h5"
 BEST = "best.weights.h5"
 #: In each run folder: the training_key of the model it is training.
@@ -403,8 +404,7 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
             _average_non_trainable(),  # before anything that reads or saves the weights
             hvd.callbacks.MetricAverageCallback(),
             chooser,  # puts the exact val_auc in the logs for the callbacks after it
-            tf.keras.callbacks.ReduceLROnPlateau(monitor="val_auc", mode="max", factor=0.5,
-                                                 patience=max(1, tcfg.patience // 2), verbose=0),
+            _learning_rate_schedule(tcfg, tcfg.learning_rate * size),
             tf.keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=tcfg.patience),
         ]
         if rank == 0:
@@ -567,7 +567,7 @@ _SPEED_ONLY = ("profile_steps", "cache_mb", "precision_cache")
 #: Train settings added since the first models, with the value every model had before:
 #: at that value they are left out of the key, so those models are found again.
 _ADDED = {"mixup": 0.0, "label_smoothing": 0.0, "rotation": 0.1, "zoom": 0.1, "brightness": 0.1, "contrast": 0.1,
-          "aux_weight": 0.0}
+          "aux_weight": 0.0, "lr_schedule": "plateau"}
 
 
 def training_key(dataset: str, tensors_version: int, manifest: dict[str, Any], tcfg: TrainConfig,
@@ -592,6 +592,8 @@ def run(spark: SparkSession, cfg: Config, dataset: str, tensors_version: int | N
     trains and registers another one anyway.
     """
     tcfg = cfg.train
+    if tcfg.lr_schedule not in LR_SCHEDULES:
+        raise ConfigError(f"train.lr_schedule must be one of {LR_SCHEDULES}, got {tcfg.lr_schedule!r}")
     lake_uri = lake.qualify(spark, cfg.lake)
     versions = preprocess.published_versions(spark, lake_uri, dataset)
     if not versions:
@@ -797,6 +799,23 @@ def _sweep_runs(spark: SparkSession, runs_uri: str, key: str) -> None:
                 and lake.exists(spark, f"{run_uri}/{KEY}") and lake.read_text(spark, f"{run_uri}/{KEY}") == key):
             log.info("deleting %s, a killed attempt at a model now registered", run_uri)
             lake.delete(spark, run_uri)
+
+
+def cosine_rate(epoch: int, epochs: int, peak: float) -> float:
+    """The learning rate of ``epoch`` (from 0) of ``epochs``: ``peak`` at the first, half a cosine down
+    towards 0 at the last (the last epoch's is ``peak`` x (1 - cos(pi / epochs)) / 2, not 0)."""
+    return peak * 0.5 * (1.0 + math.cos(math.pi * min(epoch, epochs) / epochs))
+
+
+def _learning_rate_schedule(tcfg: TrainConfig, peak: float):
+    """``plateau``: the rate halves after ``patience // 2`` epochs without a better validation AUC.
+    ``cosine``: :func:`cosine_rate`, set at each epoch's start from the epoch's number, so a resumed
+    run goes on where the killed one was."""
+    import tensorflow as tf
+    if tcfg.lr_schedule == "cosine":
+        return tf.keras.callbacks.LearningRateScheduler(lambda epoch, _rate: cosine_rate(epoch, tcfg.epochs, peak))
+    return tf.keras.callbacks.ReduceLROnPlateau(monitor="val_auc", mode="max", factor=0.5,
+                                                patience=max(1, tcfg.patience // 2), verbose=0)
 
 
 def _local_scratch(rank: int) -> Path:
