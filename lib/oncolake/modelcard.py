@@ -64,8 +64,8 @@ def render(dataset: str, version: int, record: dict[str, Any], manifest: dict[st
         # models from before train.lr_schedule existed halved theirs on a plateau
         schedule = (f"half a cosine down to near 0 over {hyper['epochs']} epochs"
                     if hyper.get("lr_schedule") == "cosine" else
-                    f"halved whenever the validation AUC stalled for half the early-stopping patience "
-                    f"({hyper['patience']} epochs)")
+                    f"halved whenever the validation AUC stalled for half of the early-stopping patience "
+                    f"of {hyper['patience']} epochs")
         lines.append(f"- optimiser: Adam, learning rate {_f(hyper['learning_rate'])} per Horovod process, "
                      f"{schedule}")
     if hyper.get("mixup") or hyper.get("label_smoothing"):
