@@ -804,7 +804,7 @@ def _sweep_runs(spark: SparkSession, runs_uri: str, key: str) -> None:
 def cosine_rate(epoch: int, epochs: int, peak: float) -> float:
     """The learning rate of ``epoch`` (from 0) of ``epochs``: ``peak`` at the first, half a cosine down
     towards 0 at the last (the last epoch's is ``peak`` x (1 - cos(pi / epochs)) / 2, not 0)."""
-    return peak * 0.5 * (1.0 + math.cos(math.pi * min(epoch, epochs) / epochs))
+    return peak * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
 
 
 def _learning_rate_schedule(tcfg: TrainConfig, peak: float):
