@@ -284,13 +284,14 @@ def test_the_training_key_names_what_a_model_is_trained_from_and_not_how_fast():
               ("other", 1, manifest, tcfg, 2)]
     assert len({training.training_key(*args) for args in others} | {key}) == len(others) + 1
     # settings added later, at the value models had before them, leave those models' keys as they were
-    added = ("mixup", "label_smoothing", "rotation", "zoom", "brightness", "contrast", "aux_weight", "lr_schedule")
+    added = ("mixup", "label_smoothing", "rotation", "zoom", "brightness", "contrast", "aux_weight", "lr_schedule",
+             "stem")
     before = dataclasses.make_dataclass("TrainConfig", [
         (f.name, f.type, dataclasses.field(default=f.default)) for f in dataclasses.fields(tcfg)
         if f.name not in added])()
     assert training.training_key("syn", 1, manifest, before, 2) == key
     changes = ({"mixup": 0.2}, {"label_smoothing": 0.1}, {"rotation": 0.5}, {"zoom": 0.0}, {"brightness": 0.2},
-               {"contrast": 0.3}, {"aux_weight": 0.5}, {"lr_schedule": "cosine"})
+               {"contrast": 0.3}, {"aux_weight": 0.5}, {"lr_schedule": "cosine"}, {"stem": 32})
     on = {training.training_key("syn", 1, manifest, dataclasses.replace(tcfg, **change), 2) for change in changes}
     assert len(on | {key}) == len(changes) + 1
 
@@ -310,6 +311,33 @@ def test_an_unknown_learning_rate_schedule_is_refused_before_any_work(spark, tmp
     cfg = config.load("local", overrides=[f"lake={tmp_path / 'lake'}", "train.lr_schedule=step"])
     with pytest.raises(ConfigError, match="train.lr_schedule must be one of"):  # not "no tensor dataset"
         training.run(spark, cfg, "syn")
+
+
+def test_a_negative_stem_is_refused_before_any_work(spark, tmp_path):
+    cfg = config.load("local", overrides=[f"lake={tmp_path / 'lake'}", "train.stem=-8"])
+    with pytest.raises(ConfigError, match="train.stem must be 0"):  # not "no tensor dataset"
+        training.run(spark, cfg, "syn")
+
+
+def test_a_stem_halves_the_image_before_the_blocks_and_keeps_the_output_the_same():
+    import tensorflow as tf
+    layers = tf.keras.layers
+    size, mean, std = 24, [120.0, 110.0, 100.0], [50.0, 45.0, 40.0]
+    plain = training.build_model(size, mean, std, config.TrainConfig(filters=(4, 8), dense_units=8))
+    stemmed = training.build_model(size, mean, std, config.TrainConfig(filters=(4, 8), dense_units=8, stem=6))
+
+    def convs(model):
+        return [(layer.filters, layer.strides, layer.output.shape[1]) for layer in model.layers
+                if isinstance(layer, layers.Conv2D)]
+    # 24 px: the stem's stride 2 gives 12, each block's pooling halves it again
+    assert convs(plain) == [(4, (1, 1), 24), (4, (1, 1), 24), (8, (1, 1), 12), (8, (1, 1), 12)]
+    assert convs(stemmed) == [(6, (2, 2), 12), (4, (1, 1), 12), (4, (1, 1), 12), (8, (1, 1), 6), (8, (1, 1), 6)]
+    # counted by hand: the stem's 3x3x3x6 weights and its normalisation's 4 x 6; the first block's first
+    # convolution then reads 6 channels instead of 3
+    assert stemmed.count_params() - plain.count_params() == 3 * 3 * 3 * 6 + 4 * 6 + 3 * 3 * (6 - 3) * 4
+    images = np.random.default_rng(0).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
+    out = stemmed.predict(images, verbose=0)
+    assert out.shape == (2, 1) and np.all((out > 0) & (out < 1))
 
 
 def test_mixup_mixes_each_image_label_and_class_weight_with_one_draw():
@@ -350,14 +378,16 @@ def test_horovod_two_ranks_train_one_epoch_with_identical_weights(spark, tmp_pat
         "--set", "preprocess.shades_of_grey=6")
     # auto precision: this host's earlier measurement (a cache seeded here) says bfloat16 is faster
     cache = tmp_path / "precision.json"
-    key = training.precision_key(16, config.TrainConfig(filters=(4, 8), dense_units=8, batch_size=8), threads=1)
+    key = training.precision_key(16, config.TrainConfig(filters=(4, 8), dense_units=8, batch_size=8, stem=4),
+                                 threads=1)
     cache.write_text(json.dumps({key: {"precision": "mixed_bfloat16", "steps_per_s": {}}}))
     summary = submit("train", "--master", "local[2]", "--lake", lake, "--dataset", "syn", "--epochs", "3",
                      "--num-proc", "2", "--batch-size", "8", "--set", "train.filters=[4, 8]",
                      "--set", "train.dense_units=8", "--set", "train.min_steps_per_epoch=5",
                      "--set", "train.patience=10", "--set", f"train.precision_cache={cache}",
                      "--set", "train.mixup=0.2", "--set", "train.label_smoothing=0.05",
-                     "--set", "train.rotation=0.5", "--set", "train.contrast=0", "--set", "train.lr_schedule=cosine")
+                     "--set", "train.rotation=0.5", "--set", "train.contrast=0", "--set", "train.lr_schedule=cosine",
+                     "--set", "train.stem=4")
     assert (summary["num_proc"], summary["epochs_run"], summary["model_version"]) == (2, 3, 1)
     assert (summary["precision"], summary["precision_chosen_by"]) == ("mixed_bfloat16", "cache")
     assert summary["already_registered"] is False
@@ -392,7 +422,7 @@ def test_horovod_two_ranks_train_one_epoch_with_identical_weights(spark, tmp_pat
     assert record["best_val_auc"] == summary["best_val_auc"] == max(aucs)
     run_dir = next((model_dir.parent / "_runs").glob("run-*"))
     best = training.build_model(16, record["normalisation"]["mean"], record["normalisation"]["std"],
-                                config.TrainConfig(filters=(4, 8), dense_units=8))
+                                config.TrainConfig(filters=(4, 8), dense_units=8, stem=4))
     best.load_weights(run_dir / "best.weights.h5")
     assert training.weights_digest(best) == training.weights_digest(model)
 
@@ -456,6 +486,8 @@ def test_horovod_two_ranks_train_one_epoch_with_identical_weights(spark, tmp_pat
     assert "regularisation: mixup, shares drawn from Beta(0.200, 0.200), label smoothing 0.050" in card
     assert "- optimiser: Adam, learning rate 0.001 per Horovod process, half a cosine down to near 0 over 3 epochs\n" in card
     assert "colour constancy: shades of grey (Minkowski p = 6)" in card
+    assert ("- network: a stem convolution of 4 filters at stride two, then blocks of 4 and 8 filters (two 3x3 "
+            "convolutions, then max pooling), global average pooling, a dense layer of 8 units, dropout 0.300\n") in card
     assert ("augmentation (training only): random flips, rotation up to 0.500 of a turn, zoom up to 0.100, "
             "brightness up to 0.100\n") in card
 
@@ -472,7 +504,8 @@ def test_horovod_two_ranks_train_one_epoch_with_identical_weights(spark, tmp_pat
                      "--num-proc", "2", "--batch-size", "8", "--set", "train.filters=[4, 8]",
                      "--set", "train.dense_units=8", "--set", "train.patience=10", "--resume",
                      "--set", f"train.precision_cache={cache}", "--set", "train.mixup=0.2",
-                     "--set", "train.label_smoothing=0.05", "--set", "train.lr_schedule=cosine")
+                     "--set", "train.label_smoothing=0.05", "--set", "train.lr_schedule=cosine",
+                     "--set", "train.stem=4")
     assert (resumed["resumed_from_epoch"], resumed["epochs_run"], resumed["model_version"]) == (3, 1, 2)
     # the resumed epoch's rate is the fourth of four: 0.002 x (1 + cos(3 pi / 4)) / 2
     resumed_record = json.loads((Path(resumed["model_uri"].removeprefix("file:")) / "model.json").read_text())
@@ -533,6 +566,8 @@ def test_train_killed_at_three_seeded_moments_then_rerun_registers_the_one_model
     assert ("- auxiliary task (training only): a second head learned `dx` (3 classes: bkl, mel, nv), its loss "
             "weighted 0.500; the registered model has the malignant output only\n") in card
     assert "- optimiser: Adam, learning rate 0.001 per Horovod process, halved whenever the validation AUC stalled" in card
+    assert ("- network: blocks of 4 and 8 filters (two 3x3 convolutions, then max pooling), global average pooling, "
+            "a dense layer of 8 units, dropout 0.300\n") in card
     # one run folder, the one that registered: the killed attempts' are deleted, and no scratch is left,
     # in the lake or in the ranks' local temporary folders
     runs = sorted((lake_dir / "models" / "syn" / "_runs").iterdir())

@@ -113,6 +113,7 @@ class PreprocessConfig:
 class TrainConfig:
     architecture: str = "cnn3"
     filters: tuple[int, ...] = (32, 64, 128)
+    stem: int = 0
     dense_units: int = 128
     dropout: float = 0.3
     epochs: int = 30

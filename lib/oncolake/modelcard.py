@@ -55,6 +55,14 @@ def render(dataset: str, version: int, record: dict[str, Any], manifest: dict[st
               f"{record['selection'].get('batch_norm', 'moving averages from training')}" if record.get("selection") else
               "- selection: not recorded (trained before oncolake registered the best epoch: retrain)")]
     hyper = record.get("hyperparameters") or {}
+    if hyper.get("filters") and {"dense_units", "dropout"} <= hyper.keys():
+        filters = [str(n) for n in hyper["filters"]]
+        blocks = ", ".join(filters[:-1]) + " and " + filters[-1] if len(filters) > 1 else filters[0]
+        # models from before train.stem existed had none
+        lines.append("- network: " + (f"a stem convolution of {hyper['stem']} filters at stride two, then "
+                                      if hyper.get("stem") else "")
+                     + f"blocks of {blocks} filters (two 3x3 convolutions, then max pooling), global average "
+                       f"pooling, a dense layer of {hyper['dense_units']} units, dropout {_f(hyper['dropout'])}")
     # models from before these settings existed had 0.1 of each
     factors = {name: hyper.get(name, 0.1) for name in ("rotation", "zoom", "brightness", "contrast")}
     lines.append("- augmentation (training only): random flips" + "".join(

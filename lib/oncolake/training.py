@@ -81,6 +81,12 @@ def build_model(size: int, mean: list[float], std: list[float], tcfg: TrainConfi
     # augmentation, normalisation and the output stay float32. "auto" builds float32:
     # the training job resolves it by measurement (choose_precision) before building.
     dtype = "mixed_bfloat16" if check_precision(tcfg.precision) == "mixed_bfloat16" else None
+    if tcfg.stem:
+        # A stride-2 convolution first: the blocks then work on a quarter of
+        # the pixels, so the same time buys deeper, wider blocks.
+        x = layers.Conv2D(tcfg.stem, 3, strides=2, padding="same", use_bias=False, dtype=dtype)(x)
+        x = layers.BatchNormalization(dtype=dtype)(x)
+        x = layers.Activation("relu", dtype=dtype)(x)
     for filters in tcfg.filters:
         for _ in range(2):
             x = conv(filters, 3, padding="same", use_bias=False, dtype=dtype)(x)
@@ -238,7 +244,8 @@ def precision_key(size: int, tcfg: TrainConfig, threads: int, cpuinfo: str = "/p
     cpu = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in first.splitlines())
            if k.strip() in ("vendor_id", "model name", "cpu family", "model", "flags")}
     what = {"cpu": cpu, "cores": os.cpu_count(), "tensorflow": tf.__version__, "size": size, "threads": threads,
-            "network": [tcfg.architecture, list(tcfg.filters), tcfg.dense_units], "batch_size": tcfg.batch_size}
+            "network": [tcfg.architecture, list(tcfg.filters), tcfg.dense_units, *([tcfg.stem] if tcfg.stem else [])],
+            "batch_size": tcfg.batch_size}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -567,7 +574,7 @@ _SPEED_ONLY = ("profile_steps", "cache_mb", "precision_cache")
 #: Train settings added since the first models, with the value every model had before:
 #: at that value they are left out of the key, so those models are found again.
 _ADDED = {"mixup": 0.0, "label_smoothing": 0.0, "rotation": 0.1, "zoom": 0.1, "brightness": 0.1, "contrast": 0.1,
-          "aux_weight": 0.0, "lr_schedule": "plateau"}
+          "aux_weight": 0.0, "lr_schedule": "plateau", "stem": 0}
 
 
 def training_key(dataset: str, tensors_version: int, manifest: dict[str, Any], tcfg: TrainConfig,
@@ -594,6 +601,8 @@ def run(spark: SparkSession, cfg: Config, dataset: str, tensors_version: int | N
     tcfg = cfg.train
     if tcfg.lr_schedule not in LR_SCHEDULES:
         raise ConfigError(f"train.lr_schedule must be one of {LR_SCHEDULES}, got {tcfg.lr_schedule!r}")
+    if tcfg.stem < 0:
+        raise ConfigError(f"train.stem must be 0 (none) or a number of filters, got {tcfg.stem}")
     lake_uri = lake.qualify(spark, cfg.lake)
     versions = preprocess.published_versions(spark, lake_uri, dataset)
     if not versions:
