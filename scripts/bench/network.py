@@ -5,10 +5,11 @@ For the configured network (the baseline: ``train.*`` as resolved, with
 overrides on top of it, e.g. ``"train.stem=32 train.filters=[64,128,256]"``):
 build it with ``training.build_model`` (augmentation included), compile it
 with Adam and binary cross-entropy, warm it up on 128 random images, then time
-``model.fit`` on ``--images`` random uint8 images of ``--size`` pixels, one
-epoch. One TensorFlow thread, as each of the two Horovod processes on this
-2-core machine has. The networks take turns for ``--rounds`` rounds; the
-JSON line gives each one's median images/s, its ratio to the baseline's, and
+``model.fit`` on ``--images`` random uint8 images of ``--size`` pixels (by
+default the configured ``preprocess.size``), one epoch. One TensorFlow
+thread, as each of the two Horovod processes on this 2-core machine has.
+The networks take turns for ``--rounds`` rounds; the JSON line gives each
+one's images/s per round, the ratio of its median to the baseline's, and
 its weights. The data are random: this times the arithmetic, not learning.
 
     scripts/bench.sh network --dataset ham10000 --size 96 \\
@@ -28,7 +29,7 @@ from oncolake import cli, config, training
 def main(argv=None) -> int:
     p = cli.parser("bench-network", __doc__)
     p.add_argument("--dataset", help="whose conf datasets entry to apply (e.g. ham10000)")
-    p.add_argument("--size", type=int, default=96)
+    p.add_argument("--size", type=int, help="pixels a side (default: the configured preprocess.size)")
     p.add_argument("--images", type=int, default=512)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--precision", choices=["float32", "mixed_bfloat16"], default="mixed_bfloat16")
@@ -42,16 +43,16 @@ def _measure(args) -> dict:
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
     networks = {"configured": []} | {spec: shlex.split(spec) for spec in args.network}
-    configs = {}
-    for name, extra in networks.items():
-        cfg = config.load(args.env, overrides=[*args.set, *extra], conf_dir=args.conf_dir, dataset=args.dataset)
-        configs[name] = dataclasses.replace(cfg.train, precision=args.precision)
+    loaded = {name: config.load(args.env, overrides=[*args.set, *extra], conf_dir=args.conf_dir,
+                                dataset=args.dataset) for name, extra in networks.items()}
+    configs = {name: dataclasses.replace(cfg.train, precision=args.precision) for name, cfg in loaded.items()}
+    size = args.size or loaded["configured"].preprocess.size
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (args.images, args.size, args.size, 3), dtype=np.uint8)
+    images = rng.integers(0, 256, (args.images, size, size, 3), dtype=np.uint8)
     labels = rng.integers(0, 2, args.images).astype(np.float32)
     models = {}
     for name, tcfg in configs.items():
-        model = training.build_model(args.size, [128.0] * 3, [64.0] * 3, tcfg)
+        model = training.build_model(size, [128.0] * 3, [64.0] * 3, tcfg)
         model.compile(optimizer=tf.keras.optimizers.Adam(tcfg.learning_rate), loss="binary_crossentropy")
         model.fit(images[:128], labels[:128], batch_size=tcfg.batch_size, epochs=1, verbose=0)  # traces the graph
         models[name] = model
@@ -62,7 +63,7 @@ def _measure(args) -> dict:
             model.fit(images, labels, batch_size=configs[name].batch_size, epochs=1, verbose=0)
             rates[name].append(args.images / (time.perf_counter() - start))
     base = statistics.median(rates["configured"])
-    return {"bench": "network", "size": args.size, "images": args.images, "precision": args.precision,
+    return {"bench": "network", "size": size, "images": args.images, "precision": args.precision,
             "threads": 1, "rounds": args.rounds,
             "networks": {name: {"filters": list(configs[name].filters), "stem": configs[name].stem,
                                 "weights": int(models[name].count_params()),
