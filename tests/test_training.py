@@ -319,7 +319,7 @@ def test_a_negative_stem_is_refused_before_any_work(spark, tmp_path):
         training.run(spark, cfg, "syn")
 
 
-def test_a_stem_halves_the_image_before_the_blocks_and_keeps_the_output_the_same():
+def test_a_stem_halves_the_image_before_the_blocks_and_the_model_still_gives_one_probability():
     import tensorflow as tf
     layers = tf.keras.layers
     size, mean, std = 24, [120.0, 110.0, 100.0], [50.0, 45.0, 40.0]
