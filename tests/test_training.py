@@ -487,7 +487,8 @@ def test_horovod_two_ranks_train_one_epoch_with_identical_weights(spark, tmp_pat
     assert "- optimiser: Adam, learning rate 0.001 per Horovod process, half a cosine down to near 0 over 3 epochs\n" in card
     assert "colour constancy: shades of grey (Minkowski p = 6)" in card
     assert ("- network: a stem convolution of 4 filters at stride two, then blocks of 4 and 8 filters (two 3x3 "
-            "convolutions, then max pooling), global average pooling, a dense layer of 8 units, dropout 0.300\n") in card
+            "convolutions, then max pooling), global average pooling, a dense layer of 8 units, dropout 0.300 before "
+            "the output (half of it after each block)\n") in card
     assert ("augmentation (training only): random flips, rotation up to 0.500 of a turn, zoom up to 0.100, "
             "brightness up to 0.100\n") in card
 
@@ -567,7 +568,7 @@ def test_train_killed_at_three_seeded_moments_then_rerun_registers_the_one_model
             "weighted 0.500; the registered model has the malignant output only\n") in card
     assert "- optimiser: Adam, learning rate 0.001 per Horovod process, halved whenever the validation AUC stalled" in card
     assert ("- network: blocks of 4 and 8 filters (two 3x3 convolutions, then max pooling), global average pooling, "
-            "a dense layer of 8 units, dropout 0.300\n") in card
+            "a dense layer of 8 units, dropout 0.300 before the output (half of it after each block)\n") in card
     # one run folder, the one that registered: the killed attempts' are deleted, and no scratch is left,
     # in the lake or in the ranks' local temporary folders
     runs = sorted((lake_dir / "models" / "syn" / "_runs").iterdir())

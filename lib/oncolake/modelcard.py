@@ -61,8 +61,11 @@ def render(dataset: str, version: int, record: dict[str, Any], manifest: dict[st
         # models from before train.stem existed had none
         lines.append("- network: " + (f"a stem convolution of {hyper['stem']} filters at stride two, then "
                                       if hyper.get("stem") else "")
-                     + f"blocks of {blocks} filters (two 3x3 convolutions, then max pooling), global average "
-                       f"pooling, a dense layer of {hyper['dense_units']} units, dropout {_f(hyper['dropout'])}")
+                     + f"blocks of {blocks} filters (two 3x3 "
+                       + ("separable " if record.get("architecture") == "separable" else "")
+                       + f"convolutions, then max pooling), global average pooling, a dense layer of "
+                         f"{hyper['dense_units']} units, dropout {_f(hyper['dropout'])} before the output "
+                         f"(half of it after each block)")
     # models from before these settings existed had 0.1 of each
     factors = {name: hyper.get(name, 0.1) for name in ("rotation", "zoom", "brightness", "contrast")}
     lines.append("- augmentation (training only): random flips" + "".join(
