@@ -166,9 +166,13 @@ def test_pipeline_on_cluster_with_lake_on_hdfs(isic_on_hdfs, spark, tmp_path):
     assert (ingest["ingested"], ingest["duplicates"], ingest["quarantined"]) == (555, 2, 0)
     assert ingest["table"] == f"{lake}/bronze/images"
 
-    pre = _submit("preprocess", "--lake", lake, "--dataset", "isic", "--size", "32")
+    loads = tmp_path / "loads"
+    loads.mkdir()
+    pre = _submit("preprocess", "--lake", lake, "--dataset", "isic", "--size", "32", "--set",
+                  f"spark.conf.spark.executor.extraJavaOptions=-Xlog:class+load=info:file={loads}/executor-%p.log")
     assert pre["output"] == f"{lake}/silver/tensors/isic/v1"
     assert pre["train"] + pre["val"] + pre["test"] == 555
+    _assert_executors_mapped_the_class_archive(sorted(loads.glob("executor-*.log")))
 
     train = _submit("train", "--lake", lake, "--dataset", "isic", "--epochs", "1", "--num-proc", "2",
                     "--batch-size", "16", "--set", "train.filters=[8, 16]", "--set", "train.dense_units=16")
@@ -196,6 +200,10 @@ def test_pipeline_on_cluster_with_lake_on_hdfs(isic_on_hdfs, spark, tmp_path):
     assert score["scored"] == 555 and score["errors"] == 0
     recorded = _events(events)
     assert any(e["Event"] == "SparkListenerExecutorRemoved" for e in recorded)
+    # conf/cluster.yaml: Delta rebuilds a table's state in 2 tasks, not its default 50, on 2 cores
+    delta_state = [e["Stage Info"]["Number of Tasks"] for e in recorded if e["Event"] == "SparkListenerStageSubmitted"
+                   and e["Stage Info"]["Stage Name"].startswith("$anonfun$recordDeltaOperationInternal")]
+    assert delta_state and max(delta_state) == 2, delta_state
     lost = [e for e in recorded if e["Event"] == "SparkListenerTaskEnd"
             and e["Task End Reason"]["Reason"] == "ExecutorLostFailure"]
     assert lost, "the killed worker's task was not lost and rerun"
@@ -247,6 +255,25 @@ def test_pipeline_on_cluster_with_lake_on_hdfs(isic_on_hdfs, spark, tmp_path):
     finally:
         subprocess.run([str(SCRIPTS / "thrift.sh"), "stop", "--port", port], env={**_env(), **env}, timeout=120)
     assert not _listening(int(port))
+
+
+def _assert_executors_mapped_the_class_archive(logs: list[Path]) -> None:
+    """Each executor's -Xlog:class+load file: its core classes came from set-up's class archive."""
+    from oncolake import session
+    assert len(logs) >= 2, logs  # one executor on each worker, with the configured option kept
+    if os.environ.get("ONCOLAKE_CLASS_ARCHIVE") == "0" or not session.CLASS_ARCHIVE.is_file():
+        return  # set-up made no archive: nothing to map
+    for log in logs:
+        source = {}
+        for line in log.read_text().splitlines():  # "[...] org.x.Y source: shared objects file (top)"
+            parts = line.split("] ", 1)[-1].split(" source: ", 1)
+            if len(parts) == 2:
+                source[parts[0]] = parts[1]
+        # (the archive holds what a local-mode driver loaded: its Executor, not the executor backend's classes)
+        assert source["org.apache.spark.executor.Executor"] == "shared objects file (top)", log
+        mapped = sum(s.startswith("shared objects file") for s in source.values())
+        read = sum(s.startswith(("file:", "jar:", "jrt:")) for s in source.values())
+        assert mapped > 0.75 * (mapped + read), f"{log}: {read} classes read, only {mapped} mapped"  # 0.86 seen
 
 
 def _client():

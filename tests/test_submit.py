@@ -121,6 +121,28 @@ def test_the_class_archive_is_mapped_when_set_up_made_one(monkeypatch, tmp_path)
     assert session.driver_java_options("-XX:ArchiveClassesAtExit=/t/new.jsa") == "-XX:ArchiveClassesAtExit=/t/new.jsa"
 
 
+def _conf(cmd: list[str], key: str) -> list[str]:
+    return [cmd[i + 1][len(key) + 1:] for i, a in enumerate(cmd) if a == "--conf" and cmd[i + 1].startswith(key + "=")]
+
+
+def test_executors_map_the_class_archive_before_their_configured_options(monkeypatch, tmp_path):
+    archive = tmp_path / "a b" / "classes.jsa"
+    monkeypatch.setattr(session, "CLASS_ARCHIVE", archive)
+    default, extra = session.EXECUTOR_DEFAULT_JAVA_OPTIONS, "spark.executor.extraJavaOptions"
+    configured = ["--env", "cluster", "--set", f"spark.conf.{extra}=-Xss4m -Dk=v",
+                  "--set", f"spark.conf.{default}=-Dadmin=1"]
+    assert _conf(submit.command("ingest", ["--env", "cluster"], "/z", "/p", {}), default) == []
+    cmd = submit.command("ingest", configured, "/z", "/p", {})
+    assert (_conf(cmd, default), _conf(cmd, extra)) == (["-Dadmin=1"], ["-Xss4m -Dk=v"])
+    archive.parent.mkdir()
+    archive.write_bytes(b"x")
+    mapped = f'"-XX:SharedArchiveFile={archive}" -Xlog:disable -Xlog:all=warning:stderr'
+    assert _conf(submit.command("ingest", ["--env", "cluster"], "/z", "/p", {}), default) == [mapped]
+    # Spark puts the defaults first: the configured options, which the job's session sets again, come after
+    cmd = submit.command("ingest", configured, "/z", "/p", {})
+    assert (_conf(cmd, default), _conf(cmd, extra)) == ([mapped + " -Dadmin=1"], ["-Xss4m -Dk=v"])
+
+
 @pytest.mark.slow
 def test_a_job_s_jvm_loads_spark_and_delta_from_the_class_archive(tmp_path):
     """scripts/setup.sh dumped the archive; a real job's driver maps Spark's and Delta's classes from it."""

@@ -30,6 +30,9 @@ OWN_JAR = Path(__file__).resolve().parents[2] / ".cache" / "oncolake-jvm" / "onc
 CLASS_ARCHIVE = Path(__file__).resolve().parents[2] / ".cache" / "jvm-classes.jsa"
 #: Spark's key for the driver JVM's options; spark-submit takes them as one string.
 DRIVER_JAVA_OPTIONS = "spark.driver.extraJavaOptions"
+#: Spark's key for the options it puts before the executors' configured
+#: ``spark.executor.extraJavaOptions`` (which a job's session may set again).
+EXECUTOR_DEFAULT_JAVA_OPTIONS = "spark.executor.defaultJavaOptions"
 _owned: set[int] = set()
 
 
@@ -74,6 +77,21 @@ def driver_java_options(configured: str, *own: str) -> str:
     if CLASS_ARCHIVE.is_file() and "ArchiveClassesAtExit" not in configured:
         options += [java_word(f"-XX:SharedArchiveFile={CLASS_ARCHIVE}"), "-Xlog:disable", "-Xlog:all=warning:stderr"]
     return " ".join(options + ([configured.strip()] if configured.strip() else []))
+
+
+def executor_java_options(configured: str) -> str:
+    """The executors' default JVM options: the class archive, as for the driver, then
+    the configured ``spark.executor.defaultJavaOptions``.
+
+    A standalone worker starts each executor on Spark's own class path, the
+    one the archive was dumped with, so a new executor maps most of what it
+    loads instead of reading and verifying it (docs/benchmarks.md). Local mode
+    has no executor JVMs; a host without the file, or with another class
+    path, runs without it (the JVM ignores a missing archive and warns once on
+    stderr about a mismatched one). Spark puts these before the configured
+    ``spark.executor.extraJavaOptions``, so those still win.
+    """
+    return driver_java_options(configured)
 
 
 def build(app: str, cfg: Config) -> SparkSession:

@@ -71,6 +71,9 @@ def command(job: str, args: Sequence[str], zip_path: str, python: str,
                conf.pop(session.DRIVER_JAVA_OPTIONS, ""),
                java_option("log4j2.configurationFile", (ROOT / "conf" / "log4j2.properties").as_uri()),
                java_option("derby.system.home", str(ROOT / "var")))]
+    executor_options = session.executor_java_options(conf.pop(session.EXECUTOR_DEFAULT_JAVA_OPTIONS, ""))
+    if executor_options:
+        conf[session.EXECUTOR_DEFAULT_JAVA_OPTIONS] = executor_options
     for key, value in conf.items():
         cmd += ["--conf", f"{key}={value}"]
     if script is None:

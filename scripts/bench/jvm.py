@@ -17,6 +17,19 @@ and ``--data`` (default HAM10000 with its labels). Each run's summary must
 count the same valid images, or the benchmark fails.
 
     scripts/bench.sh jvm [--data ../shared/data/ham10000] [--rounds 2]
+
+``--cluster`` times the executors' side instead: ``ingest`` and then
+``preprocess --size 32`` of ``--data`` (default ISIC UDA-1) through
+``scripts/submit.sh --env cluster``, on scripts/cluster.sh's 2 workers with
+the lake and the input on scripts/hdfs.sh's HDFS (both started and stopped
+here unless already up), in three configurations:
+
+- ``delta_default``: Delta's 50 state partitions, executors without the archive
+  (oncolake before session 33);
+- ``partitions_2``: ``conf/cluster.yaml``'s 2 state partitions, executors without the archive;
+- ``configured``: 2 partitions and the archive (``spark.executor.defaultJavaOptions``).
+
+    scripts/bench.sh jvm --cluster [--data ../shared/data/isic_uda1] [--rounds 2]
 """
 from __future__ import annotations
 
@@ -49,6 +62,66 @@ def variants() -> dict[str, str]:
             "c1": f"{jdk} -XX:TieredStopAtLevel=1", "both": "-XX:TieredStopAtLevel=1"}
 
 
+def cluster_variants() -> dict[str, list[str]]:
+    """``--set`` arguments per cluster variant (configured options come after oncolake's, so they win)."""
+    jdk = ["--set", f"spark.conf.{session.EXECUTOR_DEFAULT_JAVA_OPTIONS}=-XX:SharedArchiveFile={_jdk_archive()}"]
+    delta = "spark.conf.spark.databricks.delta.snapshotPartitions"
+    return {"delta_default": ["--set", f"{delta}=50", *jdk], "partitions_2": ["--set", f"{delta}=2", *jdk],
+            "configured": []}
+
+
+def run_cluster(data: Path, labels: str, rounds: int) -> dict:
+    """ingest, then preprocess, of ``data`` on the cluster per variant, rounds interleaved."""
+    import uuid
+
+    from oncolake import config, lakectl
+    scripts = ROOT / "scripts"
+    started = []
+    root = f"/bench-jvm-{uuid.uuid4().hex[:8]}"
+    hdfs = lakectl.client(config.load("cluster"))
+    try:
+        for name in ("hdfs.sh", "cluster.sh"):
+            if subprocess.run([str(scripts / name), "status"], capture_output=True).returncode != 0:
+                subprocess.run([str(scripts / name), "start"], check=True, capture_output=True)
+                started.append(name)
+        subprocess.run([str(scripts / "lake.sh"), "put", str(data), f"{root}/input"], check=True, capture_output=True)
+        namenode = config.load("cluster").lake.split("/oncolake")[0]
+        source = ["--input", f"{namenode}{root}/input"] + (
+            ["--labels", f"{namenode}{root}/input/{Path(labels).name}"] if labels else [])
+        seconds = {v: {"ingest": [], "preprocess": []} for v in cluster_variants()}
+        counts = set()
+        for r in range(rounds):
+            for variant, sets in cluster_variants().items():
+                lake = ["--env", "cluster", "--lake", f"{namenode}{root}/lake-{variant}-{r}", "--dataset", "bench"]
+                for job, args in (("ingest", source), ("preprocess", ["--size", "32"])):
+                    took, summary = _submit(job, [*lake, *args, *sets])
+                    seconds[variant][job].append(round(took, 2))
+                    if job == "preprocess":
+                        counts.add(summary["train"] + summary["val"] + summary["test"])
+                    print(f"round {r + 1} {variant} {job}: {took:.1f} s", file=sys.stderr)
+        if len(counts) != 1:
+            raise RuntimeError(f"the variants preprocessed different counts: {counts}")
+    finally:
+        hdfs.delete(root, recursive=True)
+        for name in reversed(started):
+            subprocess.run([str(scripts / name), "stop"], capture_output=True)
+    both = {v: [i + p for i, p in zip(s["ingest"], s["preprocess"])] for v, s in seconds.items()}
+    base = statistics.median(both["delta_default"])
+    return {"bench": "jvm", "cluster": True, "rounds": rounds, "images": counts.pop(), "seconds": seconds,
+            "speedup_vs_delta_default": {v: round(base / statistics.median(t), 3)
+                                         for v, t in both.items() if v != "delta_default"}}
+
+
+def _submit(job: str, args: list[str]) -> tuple[float, dict]:
+    cmd = [str(ROOT / "scripts" / "submit.sh"), job, *args]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"{job} failed: {done.stdout.strip().splitlines()[-1:]}")
+    return seconds, json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def run_once(options: str, lake: Path, job_args: list[str]) -> tuple[float, dict]:
     """One ingest through scripts/submit.sh; its wall time and JSON summary."""
     cmd = [str(ROOT / "scripts" / "submit.sh"), "ingest", "--lake", str(lake), *job_args,
@@ -63,15 +136,22 @@ def run_once(options: str, lake: Path, job_args: list[str]) -> tuple[float, dict
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "ham10000"))
+    p.add_argument("--data", help="default: ../shared/data/ham10000, or isic_uda1 with --cluster")
     p.add_argument("--labels", help="labels CSV (default: DATA/labels.csv if there)")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--cluster", action="store_true", help="time executors on scripts/cluster.sh instead")
     args = p.parse_args(argv)
     if not session.CLASS_ARCHIVE.is_file():
         print("bench jvm: no class archive at .cache/jvm-classes.jsa: run scripts/setup.sh", file=sys.stderr)
         return 1
-    data = Path(args.data).resolve()
+    data = Path(args.data or ROOT.parent / "shared" / "data" / ("isic_uda1" if args.cluster else "ham10000")).resolve()
     labels = args.labels or (str(data / "labels.csv") if (data / "labels.csv").is_file() else None)
+    if args.cluster:
+        if labels and Path(labels).parent != data:
+            print("bench jvm --cluster: the labels must sit in DATA (it is uploaded whole)", file=sys.stderr)
+            return 2
+        print(json.dumps(run_cluster(data, labels, args.rounds)))
+        return 0
     options = variants()
     with tempfile.TemporaryDirectory(prefix="oncolake-bench-jvm-") as tmp:
         empty = Path(tmp) / "empty"
