@@ -73,19 +73,23 @@ def cluster_variants() -> dict[str, list[str]]:
 def run_cluster(data: Path, labels: str, rounds: int) -> dict:
     """ingest, then preprocess, of ``data`` on the cluster per variant, rounds interleaved."""
     import uuid
+    from urllib.parse import urlparse
 
     from oncolake import config, lakectl
     scripts = ROOT / "scripts"
     started = []
     root = f"/bench-jvm-{uuid.uuid4().hex[:8]}"
-    hdfs = lakectl.client(config.load("cluster"))
+    cfg = config.load("cluster")
+    hdfs, uploading = lakectl.client(cfg), False
     try:
         for name in ("hdfs.sh", "cluster.sh"):
             if subprocess.run([str(scripts / name), "status"], capture_output=True).returncode != 0:
                 subprocess.run([str(scripts / name), "start"], check=True, capture_output=True)
                 started.append(name)
+        uploading = True
         subprocess.run([str(scripts / "lake.sh"), "put", str(data), f"{root}/input"], check=True, capture_output=True)
-        namenode = config.load("cluster").lake.split("/oncolake")[0]
+        lake_url = urlparse(cfg.lake)
+        namenode = f"{lake_url.scheme}://{lake_url.netloc}"
         source = ["--input", f"{namenode}{root}/input"] + (
             ["--labels", f"{namenode}{root}/input/{Path(labels).name}"] if labels else [])
         seconds = {v: {"ingest": [], "preprocess": []} for v in cluster_variants()}
@@ -102,7 +106,8 @@ def run_cluster(data: Path, labels: str, rounds: int) -> dict:
         if len(counts) != 1:
             raise RuntimeError(f"the variants preprocessed different counts: {counts}")
     finally:
-        hdfs.delete(root, recursive=True)
+        if uploading:  # HDFS is up: the input and the lakes go
+            hdfs.delete(root, recursive=True)
         for name in reversed(started):
             subprocess.run([str(scripts / name), "stop"], capture_output=True)
     both = {v: [i + p for i, p in zip(s["ingest"], s["preprocess"])] for v, s in seconds.items()}
