@@ -118,25 +118,19 @@ def run_cluster(data: Path, labels: str, rounds: int) -> dict:
 
 
 def _submit(job: str, args: list[str]) -> tuple[float, dict]:
-    cmd = [str(ROOT / "scripts" / "submit.sh"), job, *args]
+    """One job through scripts/submit.sh; its wall time and JSON summary."""
     start = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run([str(ROOT / "scripts" / "submit.sh"), job, *args], capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
-        raise RuntimeError(f"{job} failed: {done.stdout.strip().splitlines()[-1:]}")
+        raise RuntimeError(f"{job} {args} failed: {done.stderr.strip().splitlines()[-1:]}")
     return seconds, json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def run_once(options: str, lake: Path, job_args: list[str]) -> tuple[float, dict]:
-    """One ingest through scripts/submit.sh; its wall time and JSON summary."""
-    cmd = [str(ROOT / "scripts" / "submit.sh"), "ingest", "--lake", str(lake), *job_args,
-           "--set", f"spark.conf.{session.DRIVER_JAVA_OPTIONS}={options}"]
-    start = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if done.returncode != 0:
-        raise RuntimeError(f"ingest failed ({options}): {done.stderr.strip().splitlines()[-1:]}")
-    return seconds, json.loads(done.stdout.strip().splitlines()[-1])
+    """One ingest with the driver JVM's ``options``."""
+    return _submit("ingest", ["--lake", str(lake), *job_args,
+                              "--set", f"spark.conf.{session.DRIVER_JAVA_OPTIONS}={options}"])
 
 
 def main(argv=None) -> int:
