@@ -166,6 +166,19 @@ def killed_three_times_then_rerun(job: str, args: list[str], twin_args: list[str
     return reached, rerun_started, last_json("".join(lines))
 
 
+def class_sources(log: Path) -> tuple[dict[str, str], float]:
+    """A JVM's ``-Xlog:class+load`` file: where each class came from, and the share of
+    those read from a jar or the JDK's image that were mapped from a class archive instead."""
+    source = {}
+    for line in log.read_text().splitlines():  # "[...] org.x.Y source: shared objects file (top)"
+        parts = line.split("] ", 1)[-1].split(" source: ", 1)
+        if len(parts) == 2:
+            source[parts[0]] = parts[1]
+    mapped = sum(s.startswith("shared objects file") for s in source.values())
+    read = sum(s.startswith(("file:", "jar:", "jrt:")) for s in source.values())  # not generated at run time
+    return source, mapped / max(mapped + read, 1)
+
+
 def no_leftovers(root, since: float) -> list[str]:
     """Scratch folders anywhere under ``root``, and partial files made after ``since``."""
     from oncolake import lake

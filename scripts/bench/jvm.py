@@ -123,7 +123,8 @@ def _submit(job: str, args: list[str]) -> tuple[float, dict]:
     done = subprocess.run([str(ROOT / "scripts" / "submit.sh"), job, *args], capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
-        raise RuntimeError(f"{job} {args} failed: {done.stderr.strip().splitlines()[-1:]}")
+        # the job's one-line error is its driver's last log line, on stdout under spark-submit
+        raise RuntimeError(f"{job} {args} failed: {(done.stdout.strip() or done.stderr.strip()).splitlines()[-1:]}")
     return seconds, json.loads(done.stdout.strip().splitlines()[-1])
 
 
