@@ -3,6 +3,7 @@ import collections
 import csv
 import json
 import os
+import re
 import subprocess
 
 import pytest
@@ -100,13 +101,34 @@ def _driver_options(cmd: list[str]) -> str:
 def test_configured_driver_options_join_oncolakes_and_come_last(monkeypatch, tmp_path):
     monkeypatch.setattr(session, "CLASS_ARCHIVE", tmp_path / "none.jsa")
     ours = "-Dderby.system.home=" + str(ROOT / "var")
-    plain = _driver_options(submit.command("ingest", [], "/z", "/p", {}))
+    plain = _driver_options(submit.command("ingest", ["--env", "cluster"], "/z", "/p", {}))
     assert plain.startswith("-Dlog4j2.configurationFile=") and plain.endswith(ours)
-    for env in ("local", "cluster"):
+    for env, batch in (("local", " -XX:TieredStopAtLevel=1"), ("cluster", "")):
         given = _driver_options(submit.command(
             "ingest", ["--env", env, "--set", "spark.conf.spark.driver.extraJavaOptions=-Xss4m -XX:+UseSerialGC"],
             "/z", "/p", {}))
-        assert given.endswith(ours + " -Xss4m -XX:+UseSerialGC")  # not dropped, as spark-submit would
+        assert given.endswith(ours + batch + " -Xss4m -XX:+UseSerialGC")  # not dropped, as spark-submit would
+
+
+@pytest.mark.parametrize("job, args, batch", [
+    ("ingest", [], True),
+    ("stream_ingest", ["--topic", "t", "--available-now"], True),
+    ("stream_ingest", ["--t", "t"], True),  # --topic, abbreviated
+    ("stream_ingest", ["--topic", "t", "--trigger", "30s"], False),
+    ("stream_ingest", ["--topic=t", "--trig=5s"], False),  # argparse's prefixes reach the job too
+    (submit.THRIFT, [], False),
+])
+def test_batch_jobs_drivers_take_the_batch_options_and_long_lived_ones_do_not(monkeypatch, tmp_path, job, args,
+                                                                              batch):
+    monkeypatch.setattr(session, "CLASS_ARCHIVE", tmp_path / "none.jsa")
+    local = _driver_options(submit.command(job, args, "/z", "/p", {}))
+    assert local.endswith(" -XX:TieredStopAtLevel=1") is batch  # conf/local.yaml's
+    assert "TieredStopAtLevel" not in _driver_options(submit.command(job, ["--env", "cluster", *args], "/z", "/p", {}))
+    # a configured one, a word with a space in it kept whole, and the configured extraJavaOptions still last
+    given = _driver_options(submit.command(job, ["--set", "spark.batch_driver_options=-Xss8m '-Dx=a b'", "--set",
+                                                 "spark.conf.spark.driver.extraJavaOptions=-Xss4m", *args],
+                                           "/z", "/p", {}))
+    assert given.endswith(' -Xss8m "-Dx=a b" -Xss4m' if batch else str(ROOT / "var") + " -Xss4m")
 
 
 def test_the_class_archive_is_mapped_when_set_up_made_one(monkeypatch, tmp_path):
@@ -155,10 +177,12 @@ def test_a_job_s_jvm_loads_spark_and_delta_from_the_class_archive(tmp_path):
     done = subprocess.run(
         [str(ROOT / "scripts" / "submit.sh"), "ingest", "--lake", str(tmp_path / "lake"), "--dataset", "d",
          "--input", str(tmp_path / "in"),
-         "--set", f"spark.conf.spark.driver.extraJavaOptions=-Xlog:class+load=info:file={loads}"],
+         "--set", f"spark.conf.spark.driver.extraJavaOptions=-Xlog:class+load=info:file={loads} -XX:+PrintFlagsFinal"],
         capture_output=True, text=True, env=_env(), timeout=600)
     assert done.returncode == 0, done.stdout[-2000:]
     assert json.loads(done.stdout.strip().splitlines()[-1])["files_seen"] == 0  # stdout still ends with the summary
+    # the driver that ran was a batch job's: C1 only (conf/local.yaml's spark.batch_driver_options)
+    assert re.findall(r"\bTieredStopAtLevel\s+= (\d+)", done.stdout) == ["1"]
     source, mapped = class_sources(loads)
     assert source["org.apache.spark.SparkContext"] == "shared objects file (top)"
     assert source["org.apache.spark.sql.delta.DeltaLog"] == "shared objects file (top)"  # a --jars class too

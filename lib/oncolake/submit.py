@@ -70,7 +70,8 @@ def command(job: str, args: Sequence[str], zip_path: str, python: str,
            "--driver-java-options", session.driver_java_options(
                conf.pop(session.DRIVER_JAVA_OPTIONS, ""),
                java_option("log4j2.configurationFile", (ROOT / "conf" / "log4j2.properties").as_uri()),
-               java_option("derby.system.home", str(ROOT / "var")))]
+               java_option("derby.system.home", str(ROOT / "var")),
+               *([] if long_lived(job, rest) else map(session.java_word, shlex.split(cfg.spark.batch_driver_options))))]
     executor_options = session.executor_java_options(conf.pop(session.EXECUTOR_DEFAULT_JAVA_OPTIONS, ""))
     if executor_options:
         conf[session.EXECUTOR_DEFAULT_JAVA_OPTIONS] = executor_options
@@ -89,6 +90,16 @@ def command(job: str, args: Sequence[str], zip_path: str, python: str,
     if known.lake:
         job_args += ["--lake", known.lake]
     return cmd + [str(script)] + job_args + rest
+
+
+def long_lived(job: str, args: Sequence[str]) -> bool:
+    """Whether ``job ARGS`` runs until it is stopped (the Thrift server, a stream with
+    ``--trigger``) rather than to the end of its input: no ``spark.batch_driver_options`` then."""
+    if job == THRIFT:
+        return True
+    # argparse takes any unambiguous prefix: --tr, --trig, ... (--t is also --topic's)
+    return job == "stream_ingest" and any(
+        len(name) >= 4 and "--trigger".startswith(name) for name in (a.split("=", 1)[0] for a in args))
 
 
 def java_option(name: str, value: str) -> str:
