@@ -101,13 +101,14 @@ def _driver_options(cmd: list[str]) -> str:
 def test_configured_driver_options_join_oncolakes_and_come_last(monkeypatch, tmp_path):
     monkeypatch.setattr(session, "CLASS_ARCHIVE", tmp_path / "none.jsa")
     ours = "-Dderby.system.home=" + str(ROOT / "var")
-    plain = _driver_options(submit.command("ingest", ["--env", "cluster"], "/z", "/p", {}))
+    plain = _driver_options(submit.command(submit.THRIFT, [], "/z", "/p", {}))
     assert plain.startswith("-Dlog4j2.configurationFile=") and plain.endswith(ours)
-    for env, batch in (("local", " -XX:TieredStopAtLevel=1"), ("cluster", "")):
+    for env in ("local", "cluster"):
         given = _driver_options(submit.command(
             "ingest", ["--env", env, "--set", "spark.conf.spark.driver.extraJavaOptions=-Xss4m -XX:+UseSerialGC"],
             "/z", "/p", {}))
-        assert given.endswith(ours + batch + " -Xss4m -XX:+UseSerialGC")  # not dropped, as spark-submit would
+        # not dropped, as spark-submit would; after the env's batch options
+        assert given.endswith(ours + " -XX:TieredStopAtLevel=1 -Xss4m -XX:+UseSerialGC")
 
 
 @pytest.mark.parametrize("job, args, batch", [
@@ -118,17 +119,19 @@ def test_configured_driver_options_join_oncolakes_and_come_last(monkeypatch, tmp
     ("stream_ingest", ["--topic=t", "--trig=5s"], False),  # argparse's prefixes reach the job too
     (submit.THRIFT, [], False),
 ])
-def test_batch_jobs_drivers_take_the_batch_options_and_long_lived_ones_do_not(monkeypatch, tmp_path, job, args,
-                                                                              batch):
+def test_batch_jobs_jvms_take_the_batch_options_and_long_lived_ones_do_not(monkeypatch, tmp_path, job, args, batch):
     monkeypatch.setattr(session, "CLASS_ARCHIVE", tmp_path / "none.jsa")
-    local = _driver_options(submit.command(job, args, "/z", "/p", {}))
-    assert local.endswith(" -XX:TieredStopAtLevel=1") is batch  # conf/local.yaml's
-    assert "TieredStopAtLevel" not in _driver_options(submit.command(job, ["--env", "cluster", *args], "/z", "/p", {}))
-    # a configured one, a word with a space in it kept whole, and the configured extraJavaOptions still last
-    given = _driver_options(submit.command(job, ["--set", "spark.batch_driver_options=-Xss8m '-Dx=a b'", "--set",
-                                                 "spark.conf.spark.driver.extraJavaOptions=-Xss4m", *args],
-                                           "/z", "/p", {}))
-    assert given.endswith(' -Xss8m "-Dx=a b" -Xss4m' if batch else str(ROOT / "var") + " -Xss4m")
+    executors = session.EXECUTOR_DEFAULT_JAVA_OPTIONS
+    for env in ("local", "cluster"):  # both configure C1 only
+        cmd = submit.command(job, ["--env", env, *args], "/z", "/p", {})
+        assert _driver_options(cmd).endswith(" -XX:TieredStopAtLevel=1") is batch
+        assert _conf(cmd, executors) == (["-XX:TieredStopAtLevel=1"] if batch else [])
+    # set: a word with a space in it kept whole; the configured driver and executor options still last
+    cmd = submit.command(job, ["--env", "cluster", "--set", "spark.batch_java_options=-Xss8m '-Dx=a b'",
+                               "--set", "spark.conf.spark.driver.extraJavaOptions=-Xss4m",
+                               "--set", f"spark.conf.{executors}=-Xss2m", *args], "/z", "/p", {})
+    assert _driver_options(cmd).endswith(' -Xss8m "-Dx=a b" -Xss4m' if batch else str(ROOT / "var") + " -Xss4m")
+    assert _conf(cmd, executors) == ['-Xss8m "-Dx=a b" -Xss2m' if batch else "-Xss2m"]
 
 
 def test_the_class_archive_is_mapped_when_set_up_made_one(monkeypatch, tmp_path):
@@ -152,14 +155,16 @@ def test_executors_map_the_class_archive_before_their_configured_options(monkeyp
     monkeypatch.setattr(session, "CLASS_ARCHIVE", archive)
     default, extra = session.EXECUTOR_DEFAULT_JAVA_OPTIONS, "spark.executor.extraJavaOptions"
     configured = ["--env", "cluster", "--set", f"spark.conf.{extra}=-Xss4m -Dk=v",
-                  "--set", f"spark.conf.{default}=-Dadmin=1"]
-    assert _conf(submit.command("ingest", ["--env", "cluster"], "/z", "/p", {}), default) == []
+                  "--set", f"spark.conf.{default}=-Dadmin=1", "--set", "spark.batch_java_options="]
+    assert _conf(submit.command("ingest", ["--env", "cluster", "--set", "spark.batch_java_options="],
+                                "/z", "/p", {}), default) == []
     cmd = submit.command("ingest", configured, "/z", "/p", {})
     assert (_conf(cmd, default), _conf(cmd, extra)) == (["-Dadmin=1"], ["-Xss4m -Dk=v"])
     archive.parent.mkdir()
     archive.write_bytes(b"x")
     mapped = f'"-XX:SharedArchiveFile={archive}" -Xlog:disable -Xlog:all=warning:stderr'
-    assert _conf(submit.command("ingest", ["--env", "cluster"], "/z", "/p", {}), default) == [mapped]
+    assert _conf(submit.command("ingest", ["--env", "cluster"], "/z", "/p", {}), default) == [
+        mapped + " -XX:TieredStopAtLevel=1"]  # conf/cluster.yaml's batch options
     # Spark puts the defaults first: the configured options, which the job's session sets again, come after
     cmd = submit.command("ingest", configured, "/z", "/p", {})
     assert (_conf(cmd, default), _conf(cmd, extra)) == ([mapped + " -Dadmin=1"], ["-Xss4m -Dk=v"])
@@ -181,7 +186,7 @@ def test_a_job_s_jvm_loads_spark_and_delta_from_the_class_archive(tmp_path):
         capture_output=True, text=True, env=_env(), timeout=600)
     assert done.returncode == 0, done.stdout[-2000:]
     assert json.loads(done.stdout.strip().splitlines()[-1])["files_seen"] == 0  # stdout still ends with the summary
-    # the driver that ran was a batch job's: C1 only (conf/local.yaml's spark.batch_driver_options)
+    # the driver that ran was a batch job's: C1 only (conf/local.yaml's spark.batch_java_options)
     assert re.findall(r"\bTieredStopAtLevel\s+= (\d+)", done.stdout) == ["1"]
     source, mapped = class_sources(loads)
     assert source["org.apache.spark.SparkContext"] == "shared objects file (top)"

@@ -45,7 +45,7 @@ SECRET_MARKERS = ("password", "token", "secret")
 class SparkConfig:
     master: str = "local[*]"
     conf: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    batch_driver_options: str = ""
+    batch_java_options: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

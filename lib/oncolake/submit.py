@@ -57,6 +57,7 @@ def command(job: str, args: Sequence[str], zip_path: str, python: str,
     # the configured driver options join oncolake's in --driver-java-options, which
     # spark-submit would otherwise let win over --conf spark.driver.extraJavaOptions
     conf = {**session.DELTA_CONF, **cfg.spark.conf}
+    batch = [] if long_lived(job, rest) else [session.java_word(w) for w in shlex.split(cfg.spark.batch_java_options)]
     cmd = [str(Path(python).parent / "spark-submit"),
            "--master", known.master or cfg.spark.master,
            "--name", f"oncolake-{job}",
@@ -70,9 +71,10 @@ def command(job: str, args: Sequence[str], zip_path: str, python: str,
            "--driver-java-options", session.driver_java_options(
                conf.pop(session.DRIVER_JAVA_OPTIONS, ""),
                java_option("log4j2.configurationFile", (ROOT / "conf" / "log4j2.properties").as_uri()),
-               java_option("derby.system.home", str(ROOT / "var")),
-               *([] if long_lived(job, rest) else map(session.java_word, shlex.split(cfg.spark.batch_driver_options))))]
-    executor_options = session.executor_java_options(conf.pop(session.EXECUTOR_DEFAULT_JAVA_OPTIONS, ""))
+               java_option("derby.system.home", str(ROOT / "var")), *batch)]
+    # the executors' too (a standalone cluster's: local mode has none), before their configured defaults
+    executor_options = session.executor_java_options(
+        " ".join([*batch, conf.pop(session.EXECUTOR_DEFAULT_JAVA_OPTIONS, "")]))
     if executor_options:
         conf[session.EXECUTOR_DEFAULT_JAVA_OPTIONS] = executor_options
     for key, value in conf.items():
@@ -94,7 +96,8 @@ def command(job: str, args: Sequence[str], zip_path: str, python: str,
 
 def long_lived(job: str, args: Sequence[str]) -> bool:
     """Whether ``job ARGS`` runs until it is stopped (the Thrift server, a stream with
-    ``--trigger``) rather than to the end of its input: no ``spark.batch_driver_options`` then."""
+    ``--trigger``) rather than to the end of its input: its driver and executors then
+    do without ``spark.batch_java_options``."""
     if job == THRIFT:
         return True
     # argparse takes any unambiguous prefix: --tr, --trig, ... (--t is also --topic's)

@@ -9,9 +9,8 @@ on all four alike):
 - ``c1``: the JDK's archive, C1 only (``-XX:TieredStopAtLevel=1``);
 - ``both``: the archive and C1.
 
-Every driver maps the archive; in local mode a batch job's driver also runs
-C1 only (conf/local.yaml's ``spark.batch_driver_options``): ``both`` is the
-default there, ``archive`` the cluster's.
+Every driver maps the archive, and a batch job's driver also runs C1 only
+(``spark.batch_java_options``): ``both`` is the default.
 
 Two inputs: an empty folder (what every job pays before its first image)
 and ``--data`` (default HAM10000 with its labels), which is then also
@@ -25,14 +24,19 @@ benchmark fails.
 ``preprocess --size 32`` of ``--data`` (default ISIC UDA-1) through
 ``scripts/submit.sh --env cluster``, on scripts/cluster.sh's 2 workers with
 the lake and the input on scripts/hdfs.sh's HDFS (both started and stopped
-here unless already up), in three configurations:
+here unless already up), in these configurations (``--variants`` picks some;
+the speed-ups are against the first one run):
 
-- ``delta_default``: Delta's 50 state partitions, executors without the archive
-  (oncolake before session 33);
+- ``delta_default``: Delta's 50 state partitions, executors without the archive,
+  C1 and C2 everywhere (oncolake before session 33);
 - ``partitions_2``: ``conf/cluster.yaml``'s 2 state partitions, executors without the archive;
-- ``configured``: 2 partitions and the archive (``spark.executor.defaultJavaOptions``).
+- ``archive``: 2 partitions and the archive (``spark.executor.defaultJavaOptions``):
+  session 33's configuration;
+- ``c1_driver``: as ``archive``, and the driver C1 only;
+- ``configured``: ``conf/cluster.yaml`` as it is: since session 34, driver and
+  executors C1 only (``spark.batch_java_options``).
 
-    scripts/bench.sh jvm --cluster [--data ../shared/data/isic_uda1] [--rounds 2]
+    scripts/bench.sh jvm --cluster [--data ../shared/data/isic_uda1] [--rounds 2] [--variants archive,configured]
 """
 from __future__ import annotations
 
@@ -70,11 +74,14 @@ def cluster_variants() -> dict[str, list[str]]:
     """``--set`` arguments per cluster variant (configured options come after oncolake's, so they win)."""
     jdk = ["--set", f"spark.conf.{session.EXECUTOR_DEFAULT_JAVA_OPTIONS}=-XX:SharedArchiveFile={_jdk_archive()}"]
     delta = "spark.conf.spark.databricks.delta.snapshotPartitions"
-    return {"delta_default": ["--set", f"{delta}=50", *jdk], "partitions_2": ["--set", f"{delta}=2", *jdk],
+    c2 = ["--set", "spark.batch_java_options=-XX:TieredStopAtLevel=4"]  # the JDK's own tiers
+    return {"delta_default": ["--set", f"{delta}=50", *jdk, *c2], "partitions_2": ["--set", f"{delta}=2", *jdk, *c2],
+            "archive": c2,
+            "c1_driver": [*c2, "--set", f"spark.conf.{session.DRIVER_JAVA_OPTIONS}=-XX:TieredStopAtLevel=1"],
             "configured": []}
 
 
-def run_cluster(data: Path, labels: str, rounds: int) -> dict:
+def run_cluster(data: Path, labels: str, rounds: int, chosen: dict[str, list[str]]) -> dict:
     """ingest, then preprocess, of ``data`` on the cluster per variant, rounds interleaved."""
     import uuid
     from urllib.parse import urlparse
@@ -96,10 +103,10 @@ def run_cluster(data: Path, labels: str, rounds: int) -> dict:
         namenode = f"{lake_url.scheme}://{lake_url.netloc}"
         source = ["--input", f"{namenode}{root}/input"] + (
             ["--labels", f"{namenode}{root}/input/{Path(labels).name}"] if labels else [])
-        seconds = {v: {"ingest": [], "preprocess": []} for v in cluster_variants()}
+        seconds = {v: {"ingest": [], "preprocess": []} for v in chosen}
         counts = set()
         for r in range(rounds):
-            for variant, sets in cluster_variants().items():
+            for variant, sets in chosen.items():
                 lake = ["--env", "cluster", "--lake", f"{namenode}{root}/lake-{variant}-{r}", "--dataset", "bench"]
                 for job, args in (("ingest", source), ("preprocess", ["--size", "32"])):
                     took, summary = _submit(job, [*lake, *args, *sets])
@@ -115,10 +122,10 @@ def run_cluster(data: Path, labels: str, rounds: int) -> dict:
         for name in reversed(started):
             subprocess.run([str(scripts / name), "stop"], capture_output=True)
     both = {v: [i + p for i, p in zip(s["ingest"], s["preprocess"])] for v, s in seconds.items()}
-    base = statistics.median(both["delta_default"])
+    first = next(iter(chosen))
+    base = statistics.median(both[first])
     return {"bench": "jvm", "cluster": True, "rounds": rounds, "images": counts.pop(), "seconds": seconds,
-            "speedup_vs_delta_default": {v: round(base / statistics.median(t), 3)
-                                         for v, t in both.items() if v != "delta_default"}}
+            f"speedup_vs_{first}": {v: round(base / statistics.median(t), 3) for v, t in both.items() if v != first}}
 
 
 def _submit(job: str, args: list[str]) -> tuple[float, dict]:
@@ -143,6 +150,7 @@ def main(argv=None) -> int:
     p.add_argument("--labels", help="labels CSV (default: DATA/labels.csv if there)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--cluster", action="store_true", help="time executors on scripts/cluster.sh instead")
+    p.add_argument("--variants", help="with --cluster: comma-separated names of the configurations to run (default: all)")
     args = p.parse_args(argv)
     if not session.CLASS_ARCHIVE.is_file():
         print("bench jvm: no class archive at .cache/jvm-classes.jsa: run scripts/setup.sh", file=sys.stderr)
@@ -153,7 +161,12 @@ def main(argv=None) -> int:
         if labels and Path(labels).parent != data:
             print("bench jvm --cluster: the labels must sit in DATA (it is uploaded whole)", file=sys.stderr)
             return 2
-        print(json.dumps(run_cluster(data, labels, args.rounds)))
+        known = cluster_variants()
+        names = args.variants.split(",") if args.variants else list(known)
+        if not names or any(n not in known for n in names):
+            print(f"bench jvm --cluster: --variants takes names among {', '.join(known)}", file=sys.stderr)
+            return 2
+        print(json.dumps(run_cluster(data, labels, args.rounds, {n: known[n] for n in names})))
         return 0
     options = variants()
     with tempfile.TemporaryDirectory(prefix="oncolake-bench-jvm-") as tmp:
