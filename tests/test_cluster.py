@@ -12,6 +12,7 @@ import csv
 import datetime as dt
 import json
 import os
+import re
 import socket
 import subprocess
 import time
@@ -168,11 +169,16 @@ def test_pipeline_on_cluster_with_lake_on_hdfs(isic_on_hdfs, spark, tmp_path):
 
     loads = tmp_path / "loads"
     loads.mkdir()
+    # each executor logs the classes it loads, and its final flags (LogVMOutput copies what it prints)
     pre = _submit("preprocess", "--lake", lake, "--dataset", "isic", "--size", "32", "--set",
-                  f"spark.conf.spark.executor.extraJavaOptions=-Xlog:class+load=info:file={loads}/executor-%p.log")
+                  f"spark.conf.spark.executor.extraJavaOptions=-Xlog:class+load=info:file={loads}/executor-%p.log"
+                  f" -XX:+UnlockDiagnosticVMOptions -XX:+LogVMOutput -XX:LogFile={loads}/vm-%p.log"
+                  " -XX:+PrintFlagsFinal")
     assert pre["output"] == f"{lake}/silver/tensors/isic/v1"
     assert pre["train"] + pre["val"] + pre["test"] == 555
     _assert_executors_mapped_the_class_archive(sorted(loads.glob("executor-*.log")))
+    flags = [re.findall(r"\bTieredStopAtLevel\s+= (\d+)", log.read_text()) for log in sorted(loads.glob("vm-*.log"))]
+    assert len(flags) >= 2 and all(f == ["1"] for f in flags), flags  # conf/cluster.yaml's batch_java_options
 
     train = _submit("train", "--lake", lake, "--dataset", "isic", "--epochs", "1", "--num-proc", "2",
                     "--batch-size", "16", "--set", "train.filters=[8, 16]", "--set", "train.dense_units=16")
