@@ -93,6 +93,11 @@ def test_java_options_with_spaces_or_quotes_stay_one_word():
     # run for real: tests/test_scoring.py submits one of its concurrent jobs from a checkout under "my projects/"
 
 
+#: conf/local.yaml's and conf/cluster.yaml's spark.batch_java_options: C1 only, with the code
+#: cache C1 and C2 would have had (C1 alone gets 48 MB, which a minute of Spark filled)
+C1 = "-XX:TieredStopAtLevel=1 -XX:ReservedCodeCacheSize=240m"
+
+
 def _driver_options(cmd: list[str]) -> str:
     assert not any(a.startswith(session.DRIVER_JAVA_OPTIONS + "=") for a in cmd)  # one place only
     return cmd[cmd.index("--driver-java-options") + 1]
@@ -108,7 +113,7 @@ def test_configured_driver_options_join_oncolakes_and_come_last(monkeypatch, tmp
             "ingest", ["--env", env, "--set", "spark.conf.spark.driver.extraJavaOptions=-Xss4m -XX:+UseSerialGC"],
             "/z", "/p", {}))
         # not dropped, as spark-submit would; after the env's batch options
-        assert given.endswith(ours + " -XX:TieredStopAtLevel=1 -Xss4m -XX:+UseSerialGC")
+        assert given.endswith(ours + f" {C1} -Xss4m -XX:+UseSerialGC")
 
 
 @pytest.mark.parametrize("job, args, batch", [
@@ -124,8 +129,8 @@ def test_batch_jobs_jvms_take_the_batch_options_and_long_lived_ones_do_not(monke
     executors = session.EXECUTOR_DEFAULT_JAVA_OPTIONS
     for env in ("local", "cluster"):  # both configure C1 only
         cmd = submit.command(job, ["--env", env, *args], "/z", "/p", {})
-        assert _driver_options(cmd).endswith(" -XX:TieredStopAtLevel=1") is batch
-        assert _conf(cmd, executors) == (["-XX:TieredStopAtLevel=1"] if batch else [])
+        assert _driver_options(cmd).endswith(f" {C1}") is batch
+        assert _conf(cmd, executors) == ([C1] if batch else [])
     # set: a word with a space in it kept whole; the configured driver and executor options still last
     cmd = submit.command(job, ["--env", "cluster", "--set", "spark.batch_java_options=-Xss8m '-Dx=a b'",
                                "--set", "spark.conf.spark.driver.extraJavaOptions=-Xss4m",
@@ -164,7 +169,7 @@ def test_executors_map_the_class_archive_before_their_configured_options(monkeyp
     archive.write_bytes(b"x")
     mapped = f'"-XX:SharedArchiveFile={archive}" -Xlog:disable -Xlog:all=warning:stderr'
     assert _conf(submit.command("ingest", ["--env", "cluster"], "/z", "/p", {}), default) == [
-        mapped + " -XX:TieredStopAtLevel=1"]  # conf/cluster.yaml's batch options
+        f"{mapped} {C1}"]  # conf/cluster.yaml's batch options
     # Spark puts the defaults first: the configured options, which the job's session sets again, come after
     cmd = submit.command("ingest", configured, "/z", "/p", {})
     assert (_conf(cmd, default), _conf(cmd, extra)) == ([mapped + " -Dadmin=1"], ["-Xss4m -Dk=v"])
@@ -188,6 +193,7 @@ def test_a_job_s_jvm_loads_spark_and_delta_from_the_class_archive(tmp_path):
     assert json.loads(done.stdout.strip().splitlines()[-1])["files_seen"] == 0  # stdout still ends with the summary
     # the driver that ran was a batch job's: C1 only (conf/local.yaml's spark.batch_java_options)
     assert re.findall(r"\bTieredStopAtLevel\s+= (\d+)", done.stdout) == ["1"]
+    assert re.findall(r"\bReservedCodeCacheSize\s+= (\d+)", done.stdout) == [str(240 << 20)]
     source, mapped = class_sources(loads)
     assert source["org.apache.spark.SparkContext"] == "shared objects file (top)"
     assert source["org.apache.spark.sql.delta.DeltaLog"] == "shared objects file (top)"  # a --jars class too
